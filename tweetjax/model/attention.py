@@ -1,0 +1,94 @@
+"""Grouped-query attention with RoPE and a segment-aware causal mask.
+
+Dims: B batch, L query length, S key length, D d_model, H query heads, K kv heads, G = H // K query heads per kv
+head, Dh head dim.
+
+Packed rows hold several tweets: a token attends only to earlier tokens of its own segment (segment_ids equal), and
+positions restart at 0 in every segment, so a packed tweet sees exactly what it would see alone.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tweetjax.model.config import ModelConfig
+from tweetjax.model.layers import constrain, kernel_init, logical_param
+
+
+def apply_rope(x_BxLxHxDh: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotate-half convention (first half of the head dim pairs with the second)."""
+  half = x_BxLxHxDh.shape[-1] // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x_BxLxHxDh.shape[-1]))
+  angles_BxLx1xHalf = (positions_BxL.astype(jnp.float32)[:, :, None] * inv_freq)[:, :, None, :]
+  sin, cos = jnp.sin(angles_BxLx1xHalf), jnp.cos(angles_BxLx1xHalf)
+  x1, x2 = jnp.split(x_BxLxHxDh.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxDh.dtype)
+
+
+def attention_mask(q_segment_ids_BxL: jax.Array, kv_segment_ids_BxS: jax.Array,
+                   q_positions_BxL: jax.Array | None = None, kv_positions_BxS: jax.Array | None = None) -> jax.Array:
+  """Boolean [B, 1, L, S] mask: same segment and key not after the query.
+
+  Causality is by index (query i sees keys j <= i + S - L), which is what a packed row and a KV cache both need.
+  """
+  L, S = q_segment_ids_BxL.shape[1], kv_segment_ids_BxS.shape[1]
+  causal_LxS = jnp.arange(L)[:, None] + (S - L) >= jnp.arange(S)[None, :]
+  same_segment_BxLxS = q_segment_ids_BxL[:, :, None] == kv_segment_ids_BxS[:, None, :]
+  return (same_segment_BxLxS & causal_LxS[None])[:, None]
+
+
+def reference_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, *, softcap: float = 0.0):
+  """Plain einsum attention in fp32 softmax; the spec the fused paths are tested against."""
+  B, L, H, Dh = q_BxLxHxDh.shape
+  K = k_BxSxKxDh.shape[2]
+  q_BxLxKxGxDh = q_BxLxHxDh.reshape(B, L, K, H // K, Dh)
+  logits_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh,
+                                preferred_element_type=jnp.float32) * (Dh ** -0.5)
+  if softcap:
+    logits_BxKxGxLxS = softcap * jnp.tanh(logits_BxKxGxLxS / softcap)
+  logits_BxKxGxLxS = jnp.where(mask_Bx1xLxS[:, :, None], logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxSxKxDh.dtype)
+  out_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxDh)
+  return out_BxLxKxGxDh.reshape(B, L, H, Dh)
+
+
+def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, *, impl: str, softcap: float = 0.0):
+  """Dispatches to jax.nn.dot_product_attention ('xla', 'cudnn') or the reference einsum path."""
+  if impl == "reference" or softcap:
+    # jax.nn.dot_product_attention has no logit soft-cap; the einsum path is what XLA would fuse anyway.
+    return reference_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, softcap=softcap)
+  return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_Bx1xLxS, implementation=impl)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    D, H, K, Dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dt = cfg.compute_dtype
+    wq_DxHxDh = logical_param(self, "query", kernel_init(0, (1, 2)), (D, H, Dh), ("embed", "heads", "head_dim"), cfg)
+    wk_DxKxDh = logical_param(self, "key", kernel_init(0, (1, 2)), (D, K, Dh), ("embed", "kv_heads", "head_dim"), cfg)
+    wv_DxKxDh = logical_param(self, "value", kernel_init(0, (1, 2)), (D, K, Dh), ("embed", "kv_heads", "head_dim"),
+                              cfg)
+    wo_HxDhxD = logical_param(self, "out", kernel_init((0, 1), 2), (H, Dh, D), ("heads", "head_dim", "embed"), cfg)
+
+    q_BxLxHxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, wq_DxHxDh.astype(dt))
+    k_BxLxKxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, wk_DxKxDh.astype(dt))
+    v_BxLxKxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, wv_DxKxDh.astype(dt))
+    q_BxLxHxDh = constrain(apply_rope(q_BxLxHxDh, positions_BxL, cfg.rope_theta),
+                           ("act_batch", "act_length", "act_heads", "act_head_dim"))
+    k_BxLxKxDh = constrain(apply_rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta),
+                           ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
+    v_BxLxKxDh = constrain(v_BxLxKxDh, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
+
+    mask_Bx1xLxL = attention_mask(segment_ids_BxL, segment_ids_BxL)
+    out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL,
+                                         impl=cfg.attention_impl, softcap=cfg.attn_logit_softcap)
+    out_BxLxHxDh = constrain(out_BxLxHxDh, ("act_batch", "act_length", "act_heads", "act_head_dim"))
+    out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, wo_HxDhxD.astype(dt))
+    return constrain(out_BxLxD, ("act_batch", "act_length", "act_embed"))

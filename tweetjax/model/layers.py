@@ -1,0 +1,77 @@
+"""Building blocks: RMSNorm, token embedding, SwiGLU MLP.
+
+Dims: B batch, L length, D d_model, F mlp hidden, V vocab.
+Parameters are created in `param_dtype` with logical axis names; compute runs in `dtype`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tweetjax.model.config import ModelConfig
+
+Axes = Sequence[str | None]
+
+
+def kernel_init(in_axis, out_axis):
+  """Fan-in scaled truncated normal over possibly multi-dimensional fan-in/fan-out axes."""
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
+
+
+def logical_param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: Axes, cfg: ModelConfig):
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), shape, cfg.weight_dtype)
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    scale_D = logical_param(self, "scale", nn.initializers.ones, (x_BxLxD.shape[-1],), ("norm",), self.cfg)
+    # Statistics in fp32 whatever the compute dtype: bf16 mean-of-squares loses too many bits.
+    x = x_BxLxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (x * scale_D.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding; `attend` reuses the table as the LM head when embeddings are tied."""
+  cfg: ModelConfig
+
+  def setup(self):
+    self.embedding_VxD = logical_param(self, "embedding", nn.initializers.normal(self.cfg.init_std),
+                                       (self.cfg.vocab_size, self.cfg.d_model), ("vocab", "embed"), self.cfg)
+
+  def __call__(self, ids_BxL: jax.Array) -> jax.Array:
+    x_BxLxD = jnp.take(self.embedding_VxD.astype(self.cfg.compute_dtype), ids_BxL, axis=0)
+    return constrain(x_BxLxD, ("act_batch", "act_length", "act_embed"))
+
+  def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+    return jnp.einsum("bld,vd->blv", x_BxLxD, self.embedding_VxD.astype(self.cfg.compute_dtype))
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: (silu(x W_gate) * x W_up) W_down."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    D, F = cfg.d_model, cfg.mlp_dim
+    dt = cfg.compute_dtype
+    gate_DxF = logical_param(self, "gate", kernel_init(0, 1), (D, F), ("embed", "mlp"), cfg)
+    up_DxF = logical_param(self, "up", kernel_init(0, 1), (D, F), ("embed", "mlp"), cfg)
+    down_FxD = logical_param(self, "down", kernel_init(0, 1), (F, D), ("mlp", "embed"), cfg)
+    gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, gate_DxF.astype(dt))
+    up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, up_DxF.astype(dt))
+    h_BxLxF = constrain(nn.silu(gate_BxLxF) * up_BxLxF, ("act_batch", "act_length", "act_mlp"))
+    out_BxLxD = jnp.einsum("blf,fd->bld", h_BxLxF, down_FxD.astype(dt))
+    return constrain(out_BxLxD, ("act_batch", "act_length", "act_embed"))

@@ -1,0 +1,89 @@
+"""Everything a job derives from a config before it touches data: mesh, rules, model, optimizer, state layout.
+
+Training, evaluation, benchmarks and dry-runs all build their pieces here, so a layout that validates for one
+validates for all. All checks run on shapes only, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from tweetjax.model.config import ModelConfig
+from tweetjax.model.transformer import Transformer
+from tweetjax.parallel.mesh import MeshError, make_mesh
+from tweetjax.parallel.report import sharding_report
+from tweetjax.parallel.rules import Rules, axis_size, mesh_axes_of, normalize_rules
+from tweetjax.parallel.validate import validate_activations, validate_params
+from tweetjax.train.optimizer import make_optimizer
+from tweetjax.train.state import StateLayout, TrainState, init_train_state, state_layout
+from tweetjax.train.step import LossFn, jit_eval_step, jit_train_step
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  rules: Rules
+  model_config: ModelConfig
+  model: Transformer
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  layout: StateLayout
+  loss_fn: LossFn
+
+  @property
+  def seq_len(self) -> int:
+    return int(self.config.data.seq_len)
+
+  def sharding_report(self) -> str:
+    return sharding_report(self.layout.abstract_boxed_params, self.layout.param_shardings)
+
+  def init_state(self, rng: jax.Array | None = None) -> TrainState:
+    rng = jax.random.key(self.config.seed) if rng is None else rng
+    return init_train_state(self.model, self.tx, self.layout, self.mesh, self.rules, rng, self.seq_len)
+
+  def train_step(self):
+    return jit_train_step(self.loss_fn, self.tx, self.schedule, self.layout, int(self.config.train.microbatches))
+
+  def eval_step(self):
+    return jit_eval_step(self.loss_fn, self.layout)
+
+
+def validate_batch(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules) -> None:
+  batch = int(config.data.global_batch_size)
+  microbatches = int(config.train.microbatches)
+  if microbatches < 1 or batch % microbatches:
+    raise MeshError(f"data.global_batch_size={batch} is not divisible by train.microbatches={microbatches}")
+  shards = axis_size(mesh, mesh_axes_of("act_batch", rules))
+  if (batch // microbatches) % shards:
+    raise MeshError(
+        f"data.global_batch_size={batch} / train.microbatches={microbatches} = {batch // microbatches} rows per "
+        f"microbatch is not divisible by the {shards} batch shards (mesh axes "
+        f"{list(mesh_axes_of('act_batch', rules))} of mesh {dict(mesh.shape)})")
+
+
+def build_experiment(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
+                     mesh: Mesh | None = None) -> Experiment:
+  mesh = make_mesh(config.mesh, devices) if mesh is None else mesh
+  rules = normalize_rules(config.logical_axis_rules)
+  model_config = ModelConfig.from_config(config.model)
+  validate_batch(config, mesh, rules)
+  validate_activations({"act_heads": model_config.num_heads, "act_kv_heads": model_config.num_kv_heads,
+                        "act_mlp": model_config.mlp_dim, "act_vocab": model_config.vocab_size,
+                        "act_embed": model_config.d_model, "act_length": int(config.data.seq_len)}, mesh, rules)
+  model = Transformer(model_config)
+  tx, schedule = make_optimizer(config.optimizer, int(config.train.steps))
+  layout = state_layout(model, tx, mesh, rules, int(config.data.seq_len))
+  validate_params(layout.abstract_boxed_params, mesh, rules)
+  loss_fn = LossFn(model, mesh, rules, float(config.train.z_loss_weight))
+  return Experiment(config, mesh, rules, model_config, model, tx, schedule, layout, loss_fn)
+
+
+def param_count(abstract_params: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(abstract_params))

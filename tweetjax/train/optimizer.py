@@ -1,0 +1,50 @@
+"""Optax chain from `config.optimizer`: clipping, AdamW with a decay mask, learning-rate schedule."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import optax
+
+SCHEDULES = ("cosine", "linear", "constant")
+# Only matrices decay; norms' scales (and biases, were there any) are left alone.
+DECAYED_PARAM_NAMES = frozenset({"kernel", "embedding", "query", "key", "value", "out", "gate", "up", "down",
+                                 "lm_head"})
+
+
+def learning_rate_schedule(opt: Mapping[str, Any], total_steps: int) -> optax.Schedule:
+  peak = float(opt["learning_rate"])
+  warmup = int(opt["warmup_steps"])
+  decay_steps = max(int(opt.get("decay_steps") or total_steps) - warmup, 1)
+  end = peak * float(opt["end_learning_rate_ratio"])
+  kind = opt["schedule"]
+  if kind == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
+  elif kind == "linear":
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  elif kind == "constant":
+    decay = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"config.optimizer.schedule={kind!r}: expected one of {SCHEDULES}")
+  warmup_schedule = optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
+  return optax.join_schedules([warmup_schedule, decay], [warmup])
+
+
+def weight_decay_mask(params: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in DECAYED_PARAM_NAMES, params)
+
+
+def _leaf_name(path) -> str:
+  last = path[-1]
+  return str(getattr(last, "key", getattr(last, "name", last)))
+
+
+def make_optimizer(opt: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = learning_rate_schedule(opt, total_steps)
+  chain = []
+  if opt["grad_clip_norm"]:
+    chain.append(optax.clip_by_global_norm(float(opt["grad_clip_norm"])))
+  chain.append(optax.adamw(schedule, b1=float(opt["b1"]), b2=float(opt["b2"]), eps=float(opt["eps"]),
+                           weight_decay=float(opt["weight_decay"]), mask=weight_decay_mask))
+  return optax.chain(*chain), schedule

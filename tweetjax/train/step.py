@@ -1,0 +1,122 @@
+"""Loss and the jitted train/eval steps.
+
+The batch follows the data contract: inputs, targets, segment_ids, positions (int32 [B, L]) and weights (float32
+[B, L], 0 on padding). The loss is a token mean over non-pad targets; with microbatches the per-microbatch sums are
+divided by the whole batch's token count, so k microbatches give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from tweetjax.parallel.rules import Rules, batch_sharding, mesh_context, replicated
+from tweetjax.parallel.shard_map_ops import vocab_parallel_cross_entropy
+from tweetjax.train.state import StateLayout, TrainState
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossFn:
+  """Sum of per-token losses (and metrics) of one (micro)batch; divide by the token count outside."""
+  model: nn.Module
+  mesh: Mesh
+  rules: Rules
+  z_loss_weight: float = 0.0
+
+  def __call__(self, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    logits_BxLxV = self.model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+    loss_BxL, log_z_BxL = vocab_parallel_cross_entropy(logits_BxLxV, batch["targets"], self.mesh, self.rules)
+    weights_BxL = batch["weights"].astype(jnp.float32)
+    ce_sum = jnp.sum(loss_BxL * weights_BxL)
+    z_sum = jnp.sum(jnp.square(log_z_BxL) * weights_BxL)
+    total = ce_sum + self.z_loss_weight * z_sum
+    return total, {"ce_sum": ce_sum, "z_sum": z_sum, "tokens": jnp.sum(weights_BxL)}
+
+
+def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
+  """[B, L] -> [M, B/M, L], microbatch m taking rows m, m+M, ... so every device keeps its own rows."""
+  def split(x_BxL):
+    B = x_BxL.shape[0]
+    x_MxBmxL = x_BxL.reshape(B // num_microbatches, num_microbatches, *x_BxL.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x_MxBmxL, (None, "act_batch") + (None,) * (x_BxL.ndim - 1))
+  return jax.tree.map(split, batch)
+
+
+def loss_and_grads(loss_fn: LossFn, params: Any, batch: Batch, num_microbatches: int):
+  """Gradient of the token-mean loss, accumulated over microbatches in fp32."""
+  tokens = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_microbatches == 1:
+    (total, aux), grads = grad_fn(params, batch)
+  else:
+    def accumulate(carry, microbatch):
+      grads_acc, total_acc, aux_acc = carry
+      (total_m, aux_m), grads_m = grad_fn(params, microbatch)
+      grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads_m)
+      return (grads_acc, total_acc + total_m, jax.tree.map(jnp.add, aux_acc, aux_m)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    aux0 = {"ce_sum": 0.0, "z_sum": 0.0, "tokens": 0.0}
+    aux0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), aux0)
+    (grads, total, aux), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32), aux0),
+                                          split_microbatches(batch, num_microbatches))
+  grads = jax.tree.map(lambda g, p: (g / tokens).astype(p.dtype), grads, params)
+  metrics = {"loss": total / tokens, "ce_loss": aux["ce_sum"] / tokens, "z_loss": aux["z_sum"] / tokens,
+             "tokens": aux["tokens"]}
+  return grads, metrics
+
+
+def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, num_microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+  grads, metrics = loss_and_grads(loss_fn, state.params, batch, num_microbatches)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["learning_rate"] = schedule(state.step)
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: Batch, *, loss_fn: LossFn) -> dict[str, jax.Array]:
+  """Sums, so that an evaluator can add them over batches before dividing."""
+  _, aux = loss_fn(params, batch)
+  return aux
+
+
+def jit_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                   layout: StateLayout, num_microbatches: int = 1) -> Callable:
+  """The train step jitted with explicit shardings; the incoming state is donated."""
+  mesh = loss_fn.mesh
+  step = jax.jit(
+      lambda state, batch: train_step(state, batch, loss_fn=loss_fn, tx=tx, schedule=schedule,
+                                      num_microbatches=num_microbatches),
+      in_shardings=(layout.state_shardings, batch_sharding(mesh)),
+      out_shardings=(layout.state_shardings, replicated(mesh)),
+      donate_argnums=(0,))
+
+  def run(state: TrainState, batch: Batch):
+    with mesh_context(mesh, loss_fn.rules):
+      return step(state, batch)
+
+  run.jitted = step  # For AOT lowering (.lower(...).compile()) and cost analysis.
+  return run
+
+
+def jit_eval_step(loss_fn: LossFn, layout: StateLayout) -> Callable:
+  mesh = loss_fn.mesh
+  step = jax.jit(lambda params, batch: eval_step(params, batch, loss_fn=loss_fn),
+                 in_shardings=(layout.param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))
+
+  def run(params: Any, batch: Batch):
+    with mesh_context(mesh, loss_fn.rules):
+      return step(params, batch)
+
+  return run
