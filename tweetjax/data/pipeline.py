@@ -1,0 +1,188 @@
+"""Tweet loader: array_record split -> grain shuffle/repeat -> windows -> normalize+tokenize+pack -> global batches.
+
+The GLOBAL row stream is a pure function of (dataset, split, shuffle_seed, pack_window, seq_len, tokenizer):
+  1. record order: `grain.MapDataset.range(n).shuffle(seed).repeat(epochs)` (each epoch reshuffled),
+  2. cut into windows of `pack_window` records; each window is normalized, tokenized and packed on its own
+     (best-fit decreasing, `packing.pack`), giving a deterministic list of rows,
+  3. global batch k = rows [k*B, (k+1)*B) of the concatenated windows.
+Every process computes the same windows (tokenizing a window is cheap next to a train step) and keeps only its
+own rows of each global batch, so the global batch sequence does not depend on the number of processes.
+Iterator state is {"window", "row"}: resuming recomputes one window and continues exactly where it stopped.
+
+`config.data` keys used here (defaults in `DEFAULTS`): dataset_dir, tokenizer_path, seq_len, global_batch_size,
+shuffle_seed, normalize (NormalizeConfig fields), pack_window, num_epochs (0 = forever).
+Dims: B batch (global), b local batch, L sequence length.
+"""
+
+import json
+from typing import Any, Iterator
+
+import grain
+import jax
+import numpy as np
+from tensorflow_datasets.proto import tf_example_pb2
+
+from tweetjax.data import builder, normalize, packing
+from tweetjax.data.tokenizer import Tokenizer
+
+DEFAULTS = {"pack_window": 4096, "num_epochs": 0}
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
+  """tf.train.Example bytes -> {field: str | int} (tfds' generic decoder is ~20x slower for this schema)."""
+  out = {}
+  for k, f in tf_example_pb2.Example.FromString(raw).features.feature.items():
+    if f.HasField("bytes_list"):
+      out[k] = f.bytes_list.value[0].decode("utf-8") if f.bytes_list.value else ""
+    else:
+      out[k] = int(f.int64_list.value[0]) if f.int64_list.value else 0
+  return out
+
+
+class TweetSource:
+  """Random access to one split: `texts(indices)` for the loader, `examples(indices)` with all metadata."""
+
+  def __init__(self, dataset_dir: str, split: str):
+    self._raw = builder.open_split(dataset_dir, split).data_source  # array_record, batched reads
+
+  def __len__(self) -> int:
+    return len(self._raw)
+
+  def texts(self, indices) -> list[str]:
+    parse = tf_example_pb2.Example.FromString
+    return [parse(r).features.feature["text"].bytes_list.value[0].decode("utf-8")
+            for r in self._raw.__getitems__(list(indices))]
+
+  def examples(self, indices) -> list[dict[str, Any]]:
+    return [_decode(r) for r in self._raw.__getitems__(list(indices))]
+
+
+def load_examples(dataset_dir: str, split: str) -> list[dict[str, Any]]:
+  """Every example of a split in file order, with its metadata (id, text, labels, topic, audience, ...)."""
+  src = TweetSource(dataset_dir, split)
+  return src.examples(range(len(src)))
+
+
+class PackedBatchIterator:
+  """Yields this process's rows of each global batch as numpy dicts (the batch contract); checkpointable."""
+
+  def __init__(self, dataset_dir: str, tokenizer: Tokenizer | str, seq_len: int, global_batch_size: int, *,
+               split: str = "train", shuffle: bool = True, shuffle_seed: int = 0, num_epochs: int | None = None,
+               normalize_config: normalize.NormalizeConfig | dict | None = None, pack_window: int = 4096,
+               local_rows: slice | None = None):
+    self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    self.source = TweetSource(dataset_dir, split)
+    if len(self.source) == 0:
+      raise ValueError(f"split {split!r} of {dataset_dir} is empty")
+    self.seq_len, self.global_batch_size = seq_len, global_batch_size
+    self.local_rows = local_rows or slice(0, global_batch_size)
+    self.normalize_config = normalize.NormalizeConfig.from_dict(normalize_config)
+    order = grain.MapDataset.range(len(self.source))
+    if shuffle:
+      order = order.shuffle(seed=shuffle_seed)
+    self.windows = order.repeat(num_epochs or None).batch(pack_window).map(self._pack_window)
+    self._window, self._row = 0, 0
+    self._rows: dict[str, np.ndarray] | None = None
+    self._rows_window = -1
+
+  def _pack_window(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    texts = normalize.normalize_batch(self.source.texts(indices.tolist()), self.normalize_config)
+    tok = self.tokenizer
+    return packing.pack(tok.encode_batch(texts), self.seq_len, tok.bos_id, tok.eos_id, tok.pad_id)
+
+  def _window_rows(self, w: int) -> dict[str, np.ndarray] | None:
+    if w >= len(self.windows):
+      return None
+    if self._rows_window != w:
+      self._rows, self._rows_window = self.windows[w], w
+    return self._rows
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts, need = [], self.global_batch_size
+    w, r = self._window, self._row
+    while need:
+      rows = self._window_rows(w)
+      if rows is None:
+        if need == self.global_batch_size:
+          raise StopIteration
+        parts.append(packing.empty_rows(need, self.seq_len, self.tokenizer.pad_id))  # finite pass: pad
+        break
+      take = min(need, len(rows["inputs"]) - r)
+      parts.append({k: v[r:r + take] for k, v in rows.items()})
+      need -= take
+      r += take
+      if r == len(rows["inputs"]):
+        w, r = w + 1, 0
+    self._window, self._row = w, r
+    return {k: np.concatenate([p[k] for p in parts])[self.local_rows] for k in packing.BATCH_KEYS}
+
+  def get_state(self) -> dict[str, int]:
+    return {"window": self._window, "row": self._row}
+
+  def set_state(self, state: dict[str, int] | bytes | str) -> None:
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    self._window, self._row = int(state["window"]), int(state["row"])
+
+
+def iterate_packed_batches(dataset_dir: str, tokenizer: Tokenizer | str, seq_len: int, batch_size: int, *,
+                           split: str = "validation", shuffle: bool = False, shuffle_seed: int = 0,
+                           num_epochs: int | None = 1, normalize_config=None, pack_window: int = 4096,
+                           process_index: int = 0, process_count: int = 1) -> PackedBatchIterator:
+  """Numpy batches without a mesh (eval jobs); one pass over `split` by default, last batch padded."""
+  if batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
+  per = batch_size // process_count
+  return PackedBatchIterator(dataset_dir, tokenizer, seq_len, batch_size, split=split, shuffle=shuffle,
+                             shuffle_seed=shuffle_seed, num_epochs=num_epochs, normalize_config=normalize_config,
+                             pack_window=pack_window, local_rows=slice(process_index * per, (process_index + 1) * per))
+
+
+def _process_rows(sharding: jax.sharding.Sharding, global_batch_size: int, seq_len: int) -> slice:
+  """The contiguous global rows held by this process's devices under `sharding`."""
+  idx = sharding.addressable_devices_indices_map((global_batch_size, seq_len))
+  starts = sorted({(s[0].start or 0, global_batch_size if s[0].stop is None else s[0].stop) for s in idx.values()})
+  lo, hi = starts[0][0], max(e for _, e in starts)
+  covered = sum(e - s for s, e in starts)
+  if covered != hi - lo:
+    raise ValueError(f"this process's batch rows are not contiguous under {sharding}: {starts}")
+  return slice(lo, hi)
+
+
+class GlobalBatchIterator:
+  """Wraps a PackedBatchIterator: yields dicts of global `jax.Array`s sharded with `batch_sharding(mesh)`."""
+
+  def __init__(self, local: PackedBatchIterator, sharding: jax.sharding.Sharding):
+    self.local, self.sharding = local, sharding
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    batch = next(self.local)
+    shape = (self.local.global_batch_size, self.local.seq_len)
+    return {k: jax.make_array_from_process_local_data(self.sharding, v, shape) for k, v in batch.items()}
+
+  def get_state(self) -> dict[str, int]:
+    return self.local.get_state()
+
+  def set_state(self, state) -> None:
+    self.local.set_state(state)
+
+
+def make_iterator(config, mesh: jax.sharding.Mesh, split: str = "train") -> GlobalBatchIterator:
+  """The training iterator for `config.data.source == "tweets"` (see module docstring for the keys)."""
+  from tweetjax.parallel.rules import batch_sharding  # pylint: disable=g-import-not-at-top
+  data = config.data
+  get = lambda k: data.get(k, DEFAULTS.get(k)) if hasattr(data, "get") else getattr(data, k, DEFAULTS.get(k))
+  sharding = batch_sharding(mesh)
+  B, L = int(data.global_batch_size), int(data.seq_len)
+  local = PackedBatchIterator(
+      data.dataset_dir, data.tokenizer_path, L, B, split=split, shuffle=split == "train",
+      shuffle_seed=int(data.shuffle_seed), num_epochs=int(get("num_epochs")) or None,
+      normalize_config=get("normalize"), pack_window=int(get("pack_window")),
+      local_rows=_process_rows(sharding, B, L))
+  return GlobalBatchIterator(local, sharding)
