@@ -63,14 +63,31 @@ class NormalizeConfig:
 
 _CONTROL = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _URL = re.compile(r"(?:https?://|www\.)[^\s\x00<>\"]+", re.IGNORECASE)
-_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}(?![\w-])")
+# Patterns start with a literal or a character set (lookbehinds come after the first character) so that `re`
+# can skip ahead to candidate positions instead of trying every position of the batch.
+_EMAIL_DOMAIN = re.compile(r"@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}(?![\w-])")  # local part found by _scrub_emails
 _PHONE = re.compile(
-    r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?![\w])"  # international: +44 20 7946 0958
-    r"|(?<![\w+])(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}(?!\w)"  # (555) 123-4567, 555-123-4567
-    r"|(?<![\w+-])\d{10}(?![\w-])")  # 5551234567
+    r"\+(?<![\w+-].)\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?!\w)"  # international: +44 20 7946 0958
+    r"|\((?<![\w+-].)\d{3}\) ?\d{3}[ .-]\d{4}(?!\w)"  # (555) 123-4567
+    r"|\d(?<![\w+-].)(?:\d{2}[ .-]\d{3}[ .-]\d{4}(?!\w)|\d{9}(?![\w-]))")  # 555-123-4567, 5551234567
 _MENTION = re.compile(r"(?<![\w@.])@\w{1,15}(?!\w)")
-_SPACE = re.compile(r"\s+")
+_SPACE = re.compile(r"\s{2,}|[^\S ]")  # single spaces need no rewrite
 _SEP_SPACE = re.compile(r" ?\x00 ?")
+
+
+def _scrub_emails(s: str) -> str:
+  """`local@domain.tld` -> <email>: the domain is matched from the '@' (fast literal scan), the local part
+  ([\\w.+-]+) is walked back by hand; an '@' with nothing before it is a mention, not an e-mail."""
+  out, last = [], 0
+  for m in _EMAIL_DOMAIN.finditer(s):
+    start = m.start()
+    while start > last and (s[start - 1].isalnum() or s[start - 1] in "._+-"):
+      start -= 1
+    if start < m.start():
+      out += (s[last:start], EMAIL_TOKEN)
+      last = m.end()
+  out.append(s[last:])
+  return "".join(out)
 
 
 def normalize_batch(texts: Sequence[str], config: NormalizeConfig = NormalizeConfig()) -> list[str]:
@@ -89,7 +106,7 @@ def normalize_batch(texts: Sequence[str], config: NormalizeConfig = NormalizeCon
     s = _URL.sub(URL_TOKEN if config.urls == "token" else "", s)
   if config.scrub_pii:
     if "@" in s:
-      s = _EMAIL.sub(EMAIL_TOKEN, s)
+      s = _scrub_emails(s)
     s = _PHONE.sub(PHONE_TOKEN, s)
   if config.mentions == "token" and "@" in s:
     s = _MENTION.sub(USER_TOKEN, s)

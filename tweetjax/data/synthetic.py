@@ -111,7 +111,7 @@ def _clauses(rng: random.Random, lang: str, topic: str, handles: list[str]) -> s
   return " ".join(_fill(rng.choice(CLAUSES[lang]), rng, topic, handles) for _ in range(rng.randint(1, 3)))
 
 
-def _text(rng: random.Random, handles: list[str]) -> tuple[str, str, dict[str, Any]]:
+def _text(rng: random.Random, handles: list[str]) -> tuple[str, str, dict[str, Any], str]:
   lang = rng.choices(list(LANG_WEIGHTS), list(LANG_WEIGHTS.values()))[0]
   topic = rng.choice(list(TOPICS))
   audience = rng.choice(list(AUDIENCES))
@@ -137,7 +137,7 @@ def _text(rng: random.Random, handles: list[str]) -> tuple[str, str, dict[str, A
             "audience": audience}
   if rng.random() < 0.1:
     labels = {}
-  return " ".join(text.split()), lang, labels
+  return " ".join(text.split()), lang, labels, topic
 
 
 def make_tweets(num_tweets: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -173,12 +173,11 @@ def make_tweets(num_tweets: int, seed: int) -> tuple[list[dict[str, Any]], list[
                labels=orig["labels"], topic=orig["topic"])
     elif tweets and r < 0.23:  # quote
       orig = tweets[rng.randrange(i)]
-      text, lang, labels = _text(rng, handles)
-      t.update(kind="quote", quote_of=orig, text=f"{text} {_url(rng)}", lang=lang, labels=labels,
-               topic=labels.get("topic", ""))
+      text, lang, labels, topic = _text(rng, handles)
+      t.update(kind="quote", quote_of=orig, text=f"{text} {_url(rng)}", lang=lang, labels=labels, topic=topic)
     if "text" not in t:
-      text, lang, labels = _text(rng, handles)
-      t.update(text=text, lang=lang, labels=labels, topic=labels.get("topic", "sports"))
+      text, lang, labels, topic = _text(rng, handles)
+      t.update(text=text, lang=lang, labels=labels, topic=topic)
     if t["kind"] == "post" and not t["conversation_id"]:
       t["conversation_id"] = t["id"]
     tweets.append(t)
