@@ -136,7 +136,8 @@ class TweetsBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {s: self._generate_examples(recs) for s, recs in self._records_by_split.items()}
+    # tfds refuses empty splits; an absent split reads as empty (see `split_names`)
+    return {s: self._generate_examples(recs) for s, recs in self._records_by_split.items() if recs}
 
   def _generate_examples(self, records):
     keys = _features().keys()
@@ -162,7 +163,14 @@ def open_split(dataset_dir: str | os.PathLike, split: str):
     raise FileNotFoundError(f"no complete tweet dataset at {d} (missing {STATS_FILE}); build it with "
                             "tools/build_dataset.py")
   builder = tfds.builder_from_directory(str(d / NAME / VERSION))
+  if split not in builder.info.splits:
+    raise ValueError(f"split {split!r} is empty or absent in {d} (splits: {sorted(builder.info.splits)})")
   return builder.as_data_source(split=split)
+
+
+def split_names(dataset_dir: str | os.PathLike) -> list[str]:
+  """The non-empty splits of a built dataset."""
+  return sorted(tfds.builder_from_directory(str(epath.Path(dataset_dir) / NAME / VERSION)).info.splits)
 
 
 def build(inputs: Sequence[str] | str, output_dir: str | os.PathLike, config: BuildConfig = BuildConfig(), *,

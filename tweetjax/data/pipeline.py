@@ -59,6 +59,8 @@ class TweetSource:
 
 def load_examples(dataset_dir: str, split: str) -> list[dict[str, Any]]:
   """Every example of a split in file order, with its metadata (id, text, labels, topic, audience, ...)."""
+  if split not in builder.split_names(dataset_dir):
+    return []
   src = TweetSource(dataset_dir, split)
   return src.examples(range(len(src)))
 

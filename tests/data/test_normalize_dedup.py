@@ -1,0 +1,84 @@
+"""Normalization golden cases, PII scrub, options, and exact/near dedup counts."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from tweetjax.data import builder, dedup, formats
+from tweetjax.data.normalize import NormalizeConfig, normalize, normalize_batch
+
+GOLDEN = [
+    ("RT @bob: fish &amp; chips &lt;3 https://t.co/AbC123xyz", "RT @user: fish & chips <3 <url>"),
+    ("  many\n\n spaces\t here  ", "many spaces here"),
+    ("cafe\u0301 😀🔥 #Tag", "café 😀🔥 #Tag"),
+    ("write to jane.doe+x@mail.example.co.uk now", "write to <email> now"),
+    ("call (555) 123-4567 or +44 20 7946 0958 or 555.123.4567 or 5551234567", "call <phone> or <phone> or <phone> or <phone>"),
+    ("score 3-1 on 2023-10-05, id 1234567890123456789, £20", "score 3-1 on 2023-10-05, id 1234567890123456789, £20"),
+    ("see www.example.com/@alice and medium.com/@bob", "see <url> and medium.com/@user"),
+    ("ctrl\x07chars\x00gone", "ctrlcharsgone"),
+]
+
+
+@pytest.mark.parametrize("raw,want", GOLDEN)
+def test_golden(raw, want):
+  assert normalize(raw) == want
+  assert normalize(want) == want  # fixed point
+
+
+def test_batch_equals_single():
+  raws = [r for r, _ in GOLDEN] + ["", "&#0;", "a\x00b"]
+  assert normalize_batch(raws) == [normalize(r) for r in raws]
+
+
+def test_options():
+  raw = "@bob see https://t.co/x1 &amp; mail a@b.com"
+  assert normalize(raw, NormalizeConfig(urls="keep", mentions="keep", scrub_pii=False)) == \
+      "@bob see https://t.co/x1 & mail a@b.com"
+  assert normalize(raw, NormalizeConfig(urls="remove", unescape_html=False)) == "@user see &amp; mail <email>"
+  assert NormalizeConfig.from_dict({"urls": "keep"}).urls == "keep"
+  with pytest.raises(ValueError, match="unknown normalize options"):
+    NormalizeConfig.from_dict({"url": "keep"})
+  with pytest.raises(ValueError):
+    NormalizeConfig(urls="drop")
+
+
+def _rec(i, text, **kw):
+  r = {"id": str(i), "text": text, "author_id": "", "lang": "en", "created_at": "", "conversation_id": "",
+       "reply_to_id": "", "is_retweet": False, "toxicity": -1, "spam": -1, "misinformation": -1, "topic": "",
+       "audience": ""}
+  r.update(kw)
+  return r
+
+
+BASE = ["the striker scored twice in the derby and the crowd went wild tonight",
+        "new compiler release fixes the kernel bug we hit last week, upgrade now",
+        "ramen and dumplings for brunch again because nothing beats a rainy sunday",
+        "heatwave warning for the whole weekend so stay hydrated and find some shade"]
+
+
+def test_dedup_counts():
+  recs = [_rec(i, t) for i, t in enumerate(BASE)]
+  recs += [_rec(10, BASE[0]), _rec(11, BASE[1] + "  "), _rec(12, BASE[2].replace("ramen", "Ramen", 1) + "!!")]
+  recs += [_rec(13, BASE[3] + " 🔥"), _rec(14, "RT @x: " + BASE[0], is_retweet=True), _rec(15, "short", lang="fr")]
+  recs += [_rec(3, "same id as an earlier tweet but other text entirely, should be dropped")]
+  stats = collections.Counter()
+  kept = builder.clean_records([dict(r) for r in recs], builder.BuildConfig(langs=("en",)), stats)
+  assert [r["id"] for r in kept] == ["0", "1", "2", "3"]
+  assert (stats["duplicate"], stats["near_duplicate"], stats["retweet"], stats["lang"], stats["duplicate_id"]) == \
+      (2, 2, 1, 1, 1)
+  stats = collections.Counter()
+  kept = builder.clean_records([dict(r) for r in recs], builder.BuildConfig(dedup_near=False, keep_retweets=True),
+                               stats)
+  assert len(kept) == 8 and stats["duplicate"] == 2 and stats["near_duplicate"] == 0
+
+
+def test_minhash_deterministic_and_estimates_jaccard():
+  a, b = BASE[0], BASE[0].replace("twice", "three times")
+  s1 = dedup.MinHasher(num_perm=256)([a, b, BASE[1]])
+  s2 = dedup.MinHasher(num_perm=256)([a, b, BASE[1]])
+  np.testing.assert_array_equal(s1, s2)
+  est = (s1[0] == s1[1]).mean()
+  assert abs(est - dedup.jaccard(a, b)) < 0.1
+  assert (s1[0] == s1[2]).mean() < 0.1
+  assert list(dedup.NearDuplicateFilter().keep([a, b, BASE[1], "x", "x"])) == [True, True, True, True, False]
