@@ -8,9 +8,10 @@ import jax
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
-# Only matrices decay; norms' scales (and biases, were there any) are left alone.
-DECAYED_PARAM_NAMES = frozenset({"kernel", "embedding", "query", "key", "value", "out", "gate", "up", "down",
-                                 "lm_head"})
+# Norm scales and biases do not decay; every other leaf does. Matching by exclusion means a new weight matrix (a
+# MoE router, an adapter) decays by default instead of silently escaping regularisation. Dimensionality cannot decide
+# this: with scanned layers a norm scale is [num_layers, D].
+UNDECAYED_PARAM_NAMES = frozenset({"scale", "bias"})
 
 
 def learning_rate_schedule(opt: Mapping[str, Any], total_steps: int) -> optax.Schedule:
@@ -32,7 +33,7 @@ def learning_rate_schedule(opt: Mapping[str, Any], total_steps: int) -> optax.Sc
 
 
 def weight_decay_mask(params: Any) -> Any:
-  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in DECAYED_PARAM_NAMES, params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) not in UNDECAYED_PARAM_NAMES, params)
 
 
 def _leaf_name(path) -> str:

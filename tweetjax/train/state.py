@@ -22,9 +22,10 @@ from tweetjax.parallel.rules import Rules, logical_to_shardings, mesh_context, r
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
+  step: jax.Array  # int32 scalar: batches consumed (skipped non-finite updates included)
   params: Any
   opt_state: Any
+  nonfinite_steps: jax.Array  # int32 scalar: updates skipped because loss or grad norm was non-finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +52,10 @@ def state_layout(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
   opt_shardings = optax.tree_utils.tree_map_params(
       tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
       transform_non_params=lambda _: replicated(mesh))
-  state_shardings = TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings)
+  state_shardings = TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings,
+                               nonfinite_steps=replicated(mesh))
   abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                              opt_state=abstract_opt)
+                              opt_state=abstract_opt, nonfinite_steps=jax.ShapeDtypeStruct((), jnp.int32))
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_shardings)
   return StateLayout(boxed, param_shardings, state_shardings, abstract_state)
@@ -63,7 +65,8 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, layout:
                      rules: Rules, rng: jax.Array, seq_len: int) -> TrainState:
   def init(rng):
     params = nn.meta.unbox(init_boxed_params(model, rng, seq_len))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      nonfinite_steps=jnp.zeros((), jnp.int32))
 
   with mesh_context(mesh, rules):
     return jax.jit(init, out_shardings=layout.state_shardings)(rng)
@@ -75,7 +78,8 @@ def state_from_params(params: Any, tx: optax.GradientTransformation, layout: Sta
   params = jax.device_put(params, layout.param_shardings)
 
   def init(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      nonfinite_steps=jnp.zeros((), jnp.int32))
 
   with mesh_context(mesh, rules):
     return jax.jit(init, out_shardings=layout.state_shardings)(params)

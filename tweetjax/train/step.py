@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from tweetjax.model import moe
 from tweetjax.parallel.rules import Rules, batch_sharding, mesh_context, replicated
 from tweetjax.parallel.shard_map_ops import vocab_parallel_cross_entropy
 from tweetjax.train.state import StateLayout, TrainState
@@ -33,13 +34,23 @@ class LossFn:
   z_loss_weight: float = 0.0
 
   def __call__(self, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    logits_BxLxV = self.model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+    cfg = self.model.cfg
+    inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    if cfg.num_experts:  # MoE layers sow router losses and load statistics
+      logits_BxLxV, variables = self.model.apply({"params": params}, *inputs, mutable=[moe.MOE_STATS])
+    else:
+      logits_BxLxV = self.model.apply({"params": params}, *inputs)
     loss_BxL, log_z_BxL = vocab_parallel_cross_entropy(logits_BxLxV, batch["targets"], self.mesh, self.rules)
     weights_BxL = batch["weights"].astype(jnp.float32)
     ce_sum = jnp.sum(loss_BxL * weights_BxL)
     z_sum = jnp.sum(jnp.square(log_z_BxL) * weights_BxL)
     total = ce_sum + self.z_loss_weight * z_sum
-    return total, {"ce_sum": ce_sum, "z_sum": z_sum, "tokens": jnp.sum(weights_BxL)}
+    aux = {"ce_sum": ce_sum, "z_sum": z_sum, "tokens": jnp.sum(weights_BxL)}
+    if cfg.num_experts:
+      moe_loss_sum, moe_sums = moe.loss_terms(variables[moe.MOE_STATS], cfg, aux["tokens"])
+      total = total + moe_loss_sum
+      aux.update(moe_sums)
+    return total, aux
 
 
 def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
@@ -66,23 +77,35 @@ def loss_and_grads(loss_fn: LossFn, params: Any, batch: Batch, num_microbatches:
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     aux0 = {"ce_sum": 0.0, "z_sum": 0.0, "tokens": 0.0}
-    aux0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), aux0)
+    aux0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), aux0) | moe.zero_sums(loss_fn.model.cfg)
     (grads, total, aux), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32), aux0),
                                           split_microbatches(batch, num_microbatches))
   grads = jax.tree.map(lambda g, p: (g / tokens).astype(p.dtype), grads, params)
   metrics = {"loss": total / tokens, "ce_loss": aux["ce_sum"] / tokens, "z_loss": aux["z_sum"] / tokens,
              "tokens": aux["tokens"]}
+  metrics.update(moe.step_metrics(aux, tokens))  # moe/aux_loss, moe/load_expert_<e>, ... (MoE models only)
   return grads, metrics
 
 
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation,
                schedule: optax.Schedule, num_microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
   grads, metrics = loss_and_grads(loss_fn, state.params, batch, num_microbatches)
+  grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = optax.global_norm(grads)
-  metrics["learning_rate"] = schedule(state.step)
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  # One non-finite loss or gradient would poison the params and the Adam moments for good: keep the old ones and
+  # count the skip (the step still advances: the batch was consumed). The optimizer's own count does not advance,
+  # so the schedule runs at step - nonfinite_steps.
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                   (state.params, state.opt_state))
+  skipped = 1 - finite.astype(jnp.int32)
+  metrics["grad_norm"] = grad_norm
+  metrics["learning_rate"] = schedule(state.step - state.nonfinite_steps)
+  metrics["nonfinite"] = skipped
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            nonfinite_steps=state.nonfinite_steps + skipped)
+  return new_state, metrics
 
 
 def eval_step(params: Any, batch: Batch, *, loss_fn: LossFn) -> dict[str, jax.Array]:
