@@ -10,6 +10,7 @@ import jax.numpy as jnp
 REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full")
 ATTENTION_IMPLS = ("xla", "cudnn", "reference")
 NORM_STYLES = ("pre", "sandwich")
+MOE_IMPLS = ("expert_parallel", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,15 @@ class ModelConfig:
   remat_policy: str = "none"
   scan_layers: bool = True
   attention_impl: str = "xla"
+  # Mixture of experts (tweetjax/model/moe.py). num_experts=0: every MLP is dense.
+  num_experts: int = 0
+  experts_per_token: int = 2  # top-k
+  moe_every: int = 1  # layer i is MoE iff (i + 1) % moe_every == 0; scanned as groups of moe_every layers
+  expert_mlp_dim: int = 0  # hidden size of each expert; 0 = mlp_dim
+  capacity_factor: float = 1.25  # slots per expert = capacity_factor * tokens * k / E per device; <= 0: dropless
+  router_aux_loss_weight: float = 0.01  # Switch/GShard load-balancing loss (1.0 at perfect balance)
+  router_z_loss_weight: float = 0.001  # ST-MoE router z-loss
+  moe_impl: str = "expert_parallel"  # "expert_parallel" (shard_map + all-to-all) | "dense" (reference, no drops)
 
   def __post_init__(self):
     if self.remat_policy not in REMAT_POLICIES:
@@ -48,6 +58,33 @@ class ModelConfig:
       raise ValueError(f"config.model.head_dim={self.head_dim}: RoPE needs an even head dimension")
     if self.attention_impl == "cudnn" and self.attn_logit_softcap:
       raise ValueError("config.model.attention_impl='cudnn' cannot apply attn_logit_softcap; use 'xla' or 'reference'")
+    self._validate_moe()
+
+  def _validate_moe(self):
+    if self.num_experts < 0:
+      raise ValueError(f"config.model.num_experts={self.num_experts}: expected 0 (dense) or a positive count")
+    if not self.num_experts:
+      return
+    if not 1 <= self.experts_per_token <= self.num_experts:
+      raise ValueError(f"config.model.experts_per_token={self.experts_per_token}: expected 1..num_experts="
+                       f"{self.num_experts}")
+    if self.moe_every < 1 or self.num_layers % self.moe_every:
+      raise ValueError(f"config.model.moe_every={self.moe_every}: expected a positive divisor of "
+                       f"config.model.num_layers={self.num_layers} (layers are scanned in groups of moe_every)")
+    if self.expert_mlp_dim < 0:
+      raise ValueError(f"config.model.expert_mlp_dim={self.expert_mlp_dim}: expected > 0, or 0 for mlp_dim")
+    if self.moe_impl not in MOE_IMPLS:
+      raise ValueError(f"config.model.moe_impl={self.moe_impl!r}: expected one of {MOE_IMPLS}")
+    for name in ("router_aux_loss_weight", "router_z_loss_weight"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"config.model.{name}={getattr(self, name)}: expected >= 0")
+
+  @property
+  def moe_mlp_dim(self) -> int:
+    return self.expert_mlp_dim or self.mlp_dim
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return self.num_experts > 0 and (layer + 1) % self.moe_every == 0
 
   @classmethod
   def from_config(cls, model_config: Mapping[str, Any]) -> "ModelConfig":

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from tweetjax.model.attention import Attention
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.layers import MLP, Embed, RMSNorm, constrain, kernel_init, logical_param
+from tweetjax.model.moe import MOE_STATS, MoE
 
 _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -25,6 +26,7 @@ _REMAT_POLICIES = {
 class Block(nn.Module):
   """One pre-norm (or grok-1 sandwich-norm) transformer layer. Signature fits nn.scan: (carry, *bcast) -> carry, _."""
   cfg: ModelConfig
+  use_moe: bool = False  # mixture-of-experts MLP (param "moe") instead of the dense one ("mlp")
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array):
@@ -36,7 +38,7 @@ class Block(nn.Module):
       h = RMSNorm(cfg, name="attention_post_norm")(h)
     x_BxLxD = x_BxLxD + h
     h = RMSNorm(cfg, name="mlp_norm")(x_BxLxD)
-    h = MLP(cfg, name="mlp")(h)
+    h = MoE(cfg, name="moe")(h, segment_ids_BxL) if self.use_moe else MLP(cfg, name="mlp")(h)
     if sandwich:
       h = RMSNorm(cfg, name="mlp_post_norm")(h)
     x_BxLxD = constrain(x_BxLxD + h, ("act_batch", "act_length", "act_embed"))
@@ -48,6 +50,26 @@ def _block_class(cfg: ModelConfig):
     return Block
   # prevent_cse only matters outside scan; inside it would block useful optimisations.
   return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+
+
+class BlockGroup(nn.Module):
+  """moe_every consecutive layers (block_0 .. block_{k-1}), the last one MoE: the scanned unit when MoE layers are
+  interleaved with dense ones, so the scan keeps one compiled body and every param one leading "layers" axis."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array):
+    block, k = _block_class(self.cfg), self.cfg.moe_every
+    for i in range(k):
+      x_BxLxD, _ = block(self.cfg, use_moe=i == k - 1, name=f"block_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL)
+    return x_BxLxD, None
+
+
+def _scan_unit(cfg: ModelConfig, block):
+  """(module class, its constructor kwargs, scan length): one layer, or a BlockGroup of moe_every layers."""
+  if cfg.num_experts and cfg.moe_every > 1:
+    return BlockGroup, {}, cfg.num_layers // cfg.moe_every
+  return block, {"use_moe": cfg.num_experts > 0}, cfg.num_layers
 
 
 class Transformer(nn.Module):
@@ -67,13 +89,15 @@ class Transformer(nn.Module):
     x_BxLxD = embed(inputs_BxL)
     block = _block_class(cfg)
     if cfg.scan_layers:
-      layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+      unit, unit_kwargs, length = _scan_unit(cfg, block)
+      layers = nn.scan(unit, variable_axes={"params": 0, MOE_STATS: 0}, split_rngs={"params": True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=length,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, _ = layers(cfg, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL)
+      x_BxLxD, _ = layers(cfg, **unit_kwargs, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL)
     else:
       for i in range(cfg.num_layers):
-        x_BxLxD, _ = block(cfg, name=f"layers_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL)
+        x_BxLxD, _ = block(cfg, use_moe=cfg.is_moe_layer(i), name=f"layers_{i}")(x_BxLxD, positions_BxL,
+                                                                                  segment_ids_BxL)
     hidden_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
 
     if cfg.tie_embeddings:

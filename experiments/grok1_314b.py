@@ -1,0 +1,33 @@
+"""grok-1 shape (public release): 314B-parameter mixture of experts, 8 experts with 2 active per token.
+
+64 layers, d_model 6144, 48 query / 8 kv heads of 128, 131,072-token SentencePiece vocab, attention logit soft-cap
+30, sandwich norms, tied input/output embedding. Expert MLP hidden size: widening factor 8 with the 2/3 rule,
+int(8 * 6144) * 2 // 3 = 32768 (already a multiple of 8); SwiGLU here where grok-1 uses a gated GELU (same
+parameter count). grok-1's embedding/output multipliers are not modelled. 315.7B parameters by eval_shape
+(tests/model/test_moe.py).
+
+Layout for 512 GPUs: tensor=4 (heads 48/4, kv heads 8/4, expert F 32768/4) inside a node, expert=8 (one expert
+per shard), fsdp=-1 (16 on 512 devices) over the rest; the batch is sharded over data*fsdp*expert = 128
+(one row per device per microbatch).
+
+  --config=experiments/grok1_314b.py
+"""
+
+from tweetjax.config import base_config
+
+
+def get_config(arg=None):
+  del arg
+  config = base_config()
+  config.model.update(vocab_size=131_072, d_model=6144, num_layers=64, num_heads=48, num_kv_heads=8, head_dim=128,
+                      mlp_dim=32_768, rope_theta=10_000.0, tie_embeddings=True, norm_style="sandwich",
+                      attn_logit_softcap=30.0, num_experts=8, experts_per_token=2, moe_every=1,
+                      expert_mlp_dim=32_768, capacity_factor=1.25, router_aux_loss_weight=0.01,
+                      router_z_loss_weight=0.001, dtype="bfloat16", remat_policy="full")
+  config.mesh.update(data=1, fsdp=-1, expert=8, tensor=4)
+  config.data.seq_len = 8192
+  config.data.global_batch_size = 1024
+  config.train.microbatches = 8  # one 8192-token row per device per microbatch
+  config.train.steps = 100_000
+  config.lock()
+  return config

@@ -1,0 +1,89 @@
+"""Training throughput of a mixture of experts vs the dense model with the same active FLOPs.
+
+  python tools/bench_moe.py                       # experiments/tiny_moe.py vs experiments/tiny.py on one mesh
+  python tools/bench_moe.py --steps=20 --mesh=data=1,fsdp=2,expert=2,tensor=2
+
+Both models run the same jitted train step on the same synthetic batches and mesh; the MoE's experts are sized so
+that experts_per_token * expert_mlp_dim equals the dense mlp_dim. Prints tokens/s of each, their ratio, and the
+MoE's per-expert load and dropped fraction over the timed steps. On a shared CPU the absolute numbers are noise;
+the ratio says what routing, dispatch and the all-to-alls cost next to the dense MLP.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags, logging
+
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per model (after one warm-up step that compiles).")
+_MESH = flags.DEFINE_string("mesh", "data=1,fsdp=2,expert=2,tensor=2", "Mesh axis sizes shared by both models.")
+_DEVICES = flags.DEFINE_integer("fake_devices", 8, "On a CPU host: number of fake devices (XLA flag).")
+_MOE_CONFIG = flags.DEFINE_string("moe_config", "experiments/tiny_moe.py", "MoE experiment config.")
+_DENSE_CONFIG = flags.DEFINE_string("dense_config", "experiments/tiny.py", "Dense experiment config.")
+
+
+def _load(path: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(None)
+  config.unlock()
+  return config
+
+
+def _time(config, steps: int):
+  import jax
+  import numpy as np
+
+  from tweetjax.train.experiment import build_experiment
+  from tweetjax.train.loop import make_train_iterator
+
+  experiment = build_experiment(config)
+  state = experiment.init_state()
+  train_step = experiment.train_step()
+  batches = make_train_iterator(config, experiment)
+  state, metrics = train_step(state, next(batches))  # compile
+  jax.block_until_ready(metrics)
+  history = []
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = train_step(state, next(batches))
+    history.append(metrics)
+  jax.block_until_ready(history)
+  elapsed = time.perf_counter() - start
+  tokens = steps * int(config.data.global_batch_size) * int(config.data.seq_len)
+  means = {k: float(np.mean([jax.device_get(m[k]) for m in history])) for k in history[0]}
+  return tokens / elapsed, means
+
+
+def main(argv):
+  del argv
+  import jax
+
+  mesh = {k: int(v) for k, v in (item.split("=") for item in _MESH.value.split(","))}
+  moe_config, dense_config = _load(_MOE_CONFIG.value), _load(_DENSE_CONFIG.value)
+  for config in (moe_config, dense_config):
+    config.mesh.update(mesh)
+  active = moe_config.model.experts_per_token * (moe_config.model.expert_mlp_dim or moe_config.model.mlp_dim)
+  if active != dense_config.model.mlp_dim:
+    logging.warning("active expert width %d != dense mlp_dim %d: FLOPs are not matched", active,
+                    dense_config.model.mlp_dim)
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh {mesh}")
+  moe_tps, moe_metrics = _time(moe_config, _STEPS.value)
+  dense_tps, _ = _time(dense_config, _STEPS.value)
+  print(f"dense {_DENSE_CONFIG.value}: {dense_tps:,.0f} tokens/s")
+  print(f"moe   {_MOE_CONFIG.value}: {moe_tps:,.0f} tokens/s  (moe / dense = {moe_tps / dense_tps:.2f})")
+  loads = [moe_metrics[f"moe/load_expert_{e}"] for e in range(moe_config.model.num_experts)]
+  print("moe load per expert: " + " ".join(f"{x:.3f}" for x in loads)
+        + f"  (max/mean {max(loads) * len(loads):.2f}), dropped fraction {moe_metrics['moe/dropped_fraction']:.3f}")
+
+
+if __name__ == "__main__":
+  # Fake devices must be requested before JAX initialises its CPU backend.
+  import sys
+  count = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--fake_devices=")), "8")
+  if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}")
+  app.run(main)
