@@ -1,6 +1,7 @@
 """Hugging Face Llama interop: logits parity on import, identical logits after export, bit-exact round trips,
 greedy generation parity, and the errors for checkpoints the model cannot represent."""
 
+import dataclasses
 import json
 import os
 
@@ -228,8 +229,12 @@ def test_unsupported_hf_configs_are_refused(change, message):
     hf_config.model_overrides_from_hf({**hf, **change})
 
 
-@pytest.mark.parametrize("change", [dict(norm_style="sandwich"), dict(attn_logit_softcap=30.0),
-                                    dict(final_logit_softcap=15.0)])
+EXPORT_REFUSED = [dict(norm_style="sandwich"), dict(attn_logit_softcap=30.0), dict(final_logit_softcap=15.0)]
+if "num_experts" in {f.name for f in dataclasses.fields(ModelConfig)}:
+  EXPORT_REFUSED.append(dict(num_experts=4))
+
+
+@pytest.mark.parametrize("change", EXPORT_REFUSED)
 def test_export_refuses_features_llama_lacks(change, tmp_path):
   cfg = ModelConfig(**change)
   with pytest.raises(hf_config.HFConfigError, match=next(iter(change))):

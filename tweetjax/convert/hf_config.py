@@ -118,9 +118,8 @@ def check_exportable(cfg: ModelConfig) -> None:
     problems.append(f"attn_logit_softcap={cfg.attn_logit_softcap} (Llama attention has no soft-cap)")
   if cfg.final_logit_softcap:
     problems.append(f"final_logit_softcap={cfg.final_logit_softcap} (Llama logits have no soft-cap)")
-  for field in ("num_experts", "moe_num_experts"):  # whatever the MoE config calls it
-    if int(getattr(cfg, field, 0) or 0) > 1:
-      problems.append(f"{field}={getattr(cfg, field)} (Llama has dense MLPs only)")
+  if int(getattr(cfg, "num_experts", 0) or 0) > 0:
+    problems.append(f"num_experts={cfg.num_experts} (Llama has dense MLPs only)")
   if problems:
     raise HFConfigError("cannot export to Hugging Face Llama: config.model has " + "; ".join(problems))
 
