@@ -51,4 +51,21 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.microbatches = 1  # gradient accumulation inside the jitted step
   config.train.z_loss_weight = 1e-4
   config.train.log_every = 10
+
+  # --- Training loop: checkpoints, preemption, metrics, profiling (tweetjax/train/loop.py) ---
+  config.train.nonfinite = "skip"  # NaN/Inf loss or grad norm: "skip" the update (counted) | "stop" the run
+  config.train.eval_every = 0  # validation loss every N steps (0: off); synthetic data uses the seed + 1 stream
+  config.train.eval_steps = 4  # batches per validation pass
+  config.train.profile_steps = ""  # "START,STOP": jax.profiler trace of those steps into <workdir>/profile; "N": N steps
+  config.train.compilation_cache_dir = ""  # "": <workdir>/../jax_cache; "none": no persistent compilation cache
+  config.train.peak_flops_per_device = 0.0  # MFU denominator; 0: from the device kind (CPU: a measured matmul)
+  config.train.preemption_check_every = 1  # steps between the multi-host agreement on a SIGTERM stop
+  config.train.tensorboard = True  # event files in <workdir>/tensorboard (metrics.jsonl is always written)
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 500  # async save every N steps (0: only at the end and on preemption)
+  config.checkpoint.max_to_keep = 3  # the newest k checkpoints are kept ...
+  config.checkpoint.keep_every_steps = 0  # ... plus every step divisible by M, forever (0: none)
+  config.checkpoint.async_save = True  # write in the background; the step loop waits only for device->host copies
+  # --- end training loop ---
   return config
