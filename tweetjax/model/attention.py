@@ -33,10 +33,14 @@ def attention_mask(q_segment_ids_BxL: jax.Array, kv_segment_ids_BxS: jax.Array,
   """Boolean [B, 1, L, S] mask: same segment and key not after the query.
 
   Causality is by index (query i sees keys j <= i + S - L), which is what a packed row and a KV cache both need.
+  With explicit per-row slot indices (`q_positions_BxL`, `kv_positions_BxS`: where each token sits in the key
+  sequence, e.g. KV-cache slots) a query sees the keys whose slot is not after its own.
   """
   L, S = q_segment_ids_BxL.shape[1], kv_segment_ids_BxS.shape[1]
-  causal_LxS = jnp.arange(L)[:, None] + (S - L) >= jnp.arange(S)[None, :]
   same_segment_BxLxS = q_segment_ids_BxL[:, :, None] == kv_segment_ids_BxS[:, None, :]
+  if q_positions_BxL is not None and kv_positions_BxS is not None:
+    return (same_segment_BxLxS & (kv_positions_BxS[:, None, :] <= q_positions_BxL[:, :, None]))[:, None]
+  causal_LxS = jnp.arange(L)[:, None] + (S - L) >= jnp.arange(S)[None, :]
   return (same_segment_BxLxS & causal_LxS[None])[:, None]
 
 
@@ -63,6 +67,11 @@ def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, *, i
   return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_Bx1xLxS, implementation=impl)
 
 
+# KV-cache layout, sharded like the attention heads. The length axis stays unsharded: decoding writes one slot at a
+# time, and a length-sharded cache would send every write to a single shard.
+CACHE_AXES = ("act_batch", None, "act_kv_heads", "act_head_dim")
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -86,9 +95,40 @@ class Attention(nn.Module):
                            ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
     v_BxLxKxDh = constrain(v_BxLxKxDh, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
 
-    mask_Bx1xLxL = attention_mask(segment_ids_BxL, segment_ids_BxL)
-    out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL,
-                                         impl=cfg.attention_impl, softcap=cfg.attn_logit_softcap)
+    if self.has_variable("cache", "key"):  # decoding: attend over the KV cache (tweetjax.model.decode)
+      k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS = self._update_cache(k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL)
+      impl = "xla" if cfg.attention_impl == "cudnn" else cfg.attention_impl  # cuDNN wants L == S masks
+      out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, impl=impl,
+                                           softcap=cfg.attn_logit_softcap)
+    else:
+      mask_Bx1xLxL = attention_mask(segment_ids_BxL, segment_ids_BxL)
+      out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL,
+                                           impl=cfg.attention_impl, softcap=cfg.attn_logit_softcap)
     out_BxLxHxDh = constrain(out_BxLxHxDh, ("act_batch", "act_length", "act_heads", "act_head_dim"))
     out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, wo_HxDhxD.astype(dt))
     return constrain(out_BxLxD, ("act_batch", "act_length", "act_embed"))
+
+  def _update_cache(self, k_BxLxKxDh: jax.Array, v_BxLxKxDh: jax.Array, segment_ids_BxL: jax.Array):
+    """Writes L new keys/values at the cache cursor; returns the whole cache and the mask of the L queries over it.
+
+    The "cache" collection (laid out by tweetjax.model.decode.cache_spec) holds `key`, `value` [B, S, K, Dh],
+    `segment_ids` [B, S] (0 = empty or padding slot, never attended) and `index` (next free slot, shared by the
+    rows). Query i sits in slot index + i and sees the filled slots up to its own with its segment id, so left- or
+    right-padded prompts and the tokens generated after them attend exactly as in one unpadded forward pass.
+    """
+    key, value = self.variable("cache", "key"), self.variable("cache", "value")
+    segments, index = self.variable("cache", "segment_ids"), self.variable("cache", "index")
+    B, L = segment_ids_BxL.shape
+    S = key.value.shape[1]
+    start = index.value
+    k_BxSxKxDh = jax.lax.dynamic_update_slice(key.value, k_BxLxKxDh.astype(key.value.dtype), (0, start, 0, 0))
+    v_BxSxKxDh = jax.lax.dynamic_update_slice(value.value, v_BxLxKxDh.astype(value.value.dtype), (0, start, 0, 0))
+    kv_segment_ids_BxS = jax.lax.dynamic_update_slice(segments.value, segment_ids_BxL.astype(jnp.int32), (0, start))
+    key.value = constrain(k_BxSxKxDh, CACHE_AXES)
+    value.value = constrain(v_BxSxKxDh, CACHE_AXES)
+    segments.value = kv_segment_ids_BxS
+    index.value = start + L
+    q_slots_BxL = jnp.broadcast_to(start + jnp.arange(L, dtype=jnp.int32), (B, L))
+    kv_slots_BxS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    mask_Bx1xLxS = attention_mask(segment_ids_BxL, kv_segment_ids_BxS, q_slots_BxL, kv_slots_BxS)
+    return key.value, value.value, mask_Bx1xLxS

@@ -1,0 +1,248 @@
+"""Autoregressive sampling with a KV cache: one prefill pass over the prompts, then a jitted token-by-token loop.
+
+Dims: B batch (prompts), P padded prompt length, T new tokens, S = P + T cache slots, V vocab, N layers, K kv heads,
+Dh head dim.
+
+Prompts of different lengths share one batch, left- or right-padded to P. Every token carries its own RoPE position
+(0.. within its prompt, continuing after it) and a segment id (1 = real, 0 = padding or finished row); attention
+only sees filled slots of its own row up to its own slot (`Attention._update_cache`), so each row decodes exactly
+as it would alone. The cache is a flax "cache" collection with the same tree layout as the attention params
+(`layers/attention/{key,value,segment_ids,index}`, with a leading layer axis when the layers are scanned), sharded
+like the attention heads. Prefill, the while_loop over steps and sampling compile once per (B, P, T, sampling
+config): P and B are bucketed so a new prompt batch rarely recompiles.
+
+`use_cache=False` runs the same loop without a cache (the whole S-token buffer through the model every step); it is
+the reference the cache is tested against and the baseline of tools/bench_decode.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from tweetjax.model.attention import CACHE_AXES
+from tweetjax.parallel.rules import Rules, axis_size, batch_sharding, mesh_axes_of, mesh_context, replicated
+
+PADDINGS = ("left", "right")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How the next token is chosen; hashable, so it is a static argument of the compiled loop."""
+  max_new_tokens: int = 32
+  temperature: float = 1.0  # 0 = greedy (argmax)
+  top_k: int = 0  # keep the k most likely tokens; 0 = all
+  top_p: float = 1.0  # nucleus: smallest set of tokens with probability >= top_p; 1 = all
+  eos_id: int = 2  # a row stops after emitting it; -1 = never stop early
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens}: must be >= 1")
+    if self.temperature < 0:
+      raise ValueError(f"SamplingConfig.temperature={self.temperature}: must be >= 0 (0 = greedy)")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k={self.top_k}: must be >= 0 (0 = no top-k)")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingConfig.top_p={self.top_p}: must be in (0, 1]")
+
+
+def sample_logits(logits_BxV: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  """Next token ids [B] from logits: greedy, or temperature / top-k / top-p filtered categorical sampling."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV / sampling.temperature
+  neg_inf = jnp.finfo(jnp.float32).min
+  if sampling.top_k:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, min(sampling.top_k, logits_BxV.shape[-1]))[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_Bx1, neg_inf, logits_BxV)
+  if sampling.top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    # The smallest logit still inside the nucleus; the most likely token is always kept.
+    keep_BxV = mass_before_BxV < sampling.top_p
+    cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, neg_inf, logits_BxV)
+  return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], length: int, padding: str, pad_id: int = 0):
+  """Host-side layout of a prompt batch: tokens, positions, segment ids [B, length] and each row's last index [B]."""
+  if padding not in PADDINGS:
+    raise ValueError(f"padding={padding!r}: expected one of {PADDINGS}")
+  B = len(prompts)
+  tokens = np.full((B, length), pad_id, np.int32)
+  positions = np.zeros((B, length), np.int32)
+  segment_ids = np.zeros((B, length), np.int32)
+  last_index = np.zeros((B,), np.int32)
+  for b, prompt in enumerate(prompts):
+    n = len(prompt)
+    if not 0 < n <= length:
+      raise ValueError(f"prompt {b} has {n} tokens; expected 1..{length}")
+    start = 0 if padding == "right" else length - n
+    tokens[b, start:start + n] = prompt
+    positions[b, start:start + n] = np.arange(n)
+    segment_ids[b, start:start + n] = 1
+    last_index[b] = start + n - 1
+  return tokens, positions, segment_ids, last_index
+
+
+def cache_spec(params: Any, batch: int, length: int, dtype) -> Any:
+  """ShapeDtypeStruct tree of the "cache" collection, mirroring every attention module found in `params`."""
+  def walk(tree):
+    if isinstance(tree, dict) and {"query", "key", "value", "out"} <= set(tree):
+      query = tree["query"]  # [(N,) D, H, Dh]
+      lead = tuple(query.shape[:-3])
+      K, Dh = tree["key"].shape[-2:]
+      return {"key": jax.ShapeDtypeStruct(lead + (batch, length, K, Dh), dtype),
+              "value": jax.ShapeDtypeStruct(lead + (batch, length, K, Dh), dtype),
+              "segment_ids": jax.ShapeDtypeStruct(lead + (batch, length), jnp.int32),
+              "index": jax.ShapeDtypeStruct(lead, jnp.int32)}
+    if isinstance(tree, dict):
+      out = {k: walk(v) for k, v in tree.items()}
+      return {k: v for k, v in out.items() if v is not None} or None
+    return None
+
+  spec = walk(nn.meta.unbox(params))
+  if spec is None:
+    raise ValueError("no attention module (query/key/value/out params) found in the params tree")
+  return spec
+
+
+def cache_logical_axes(spec: Any) -> Any:
+  """Logical axis names of each cache leaf (leading layer axis, when present, is unsharded)."""
+  def axes(path, leaf):
+    name = path[-1].key
+    base = {"key": CACHE_AXES, "value": CACHE_AXES, "segment_ids": CACHE_AXES[:2], "index": ()}[name]
+    return P(*((None,) * (leaf.ndim - len(base)) + tuple(base)))
+  return jax.tree_util.tree_map_with_path(axes, spec)
+
+
+def _constrain_tree(tree: Any, logical: Any) -> Any:
+  return jax.tree.map(lambda x, spec: nn.with_logical_constraint(x, tuple(spec)), tree, logical,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOutput:
+  tokens: list[list[int]]  # generated ids per prompt, up to and including EOS when it came
+  logits: np.ndarray | None  # [B, T, V] logits each token was sampled from (return_logits=True), else None
+
+
+def _generate(model, params, tokens_BxP, positions_BxP, segment_ids_BxP, last_index_B, rng, *,
+              sampling: SamplingConfig, use_cache: bool, return_logits: bool, pad_id: int, cache_dtype):
+  B, Pl = tokens_BxP.shape
+  T = sampling.max_new_tokens
+  S = Pl + T
+  rows_B = jnp.arange(B)
+  if use_cache:
+    spec = cache_spec(params, B, S, cache_dtype)
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+    cache = _constrain_tree(cache, cache_logical_axes(spec))
+    logits_BxPxV, variables = model.apply({"params": params, "cache": cache}, tokens_BxP, positions_BxP,
+                                          segment_ids_BxP, mutable=["cache"])
+    carry_model = variables["cache"]
+  else:
+    pad_BxT = jnp.zeros((B, T), jnp.int32)
+    carry_model = (jnp.concatenate([tokens_BxP, pad_BxT + pad_id], 1), jnp.concatenate([positions_BxP, pad_BxT], 1),
+                   jnp.concatenate([segment_ids_BxP, pad_BxT], 1))
+    logits_BxPxV = model.apply({"params": params}, *carry_model)[:, :Pl]
+  logits_BxV = logits_BxPxV[rows_B, last_index_B]
+  position_B = positions_BxP[rows_B, last_index_B] + 1
+  out_BxT = jnp.full((B, T), pad_id, jnp.int32)
+  all_logits = jnp.zeros((B, T, logits_BxV.shape[-1]), jnp.float32) if return_logits else None
+  done_B = jnp.zeros((B,), bool)
+
+  def cond(state):
+    step, done_B = state[0], state[4]
+    return (step < T) & ~jnp.all(done_B)
+
+  def body(state):
+    step, carry_model, logits_BxV, position_B, done_B, out_BxT, rng, all_logits = state
+    rng, sub = jax.random.split(rng)
+    token_B = jnp.where(done_B, pad_id, sample_logits(logits_BxV, sub, sampling))
+    out_BxT = out_BxT.at[:, step].set(token_B)
+    if return_logits:
+      all_logits = all_logits.at[:, step].set(jnp.where(done_B[:, None], 0.0, logits_BxV.astype(jnp.float32)))
+    segment_B = jnp.where(done_B, 0, 1).astype(jnp.int32)
+    done_B = done_B | (token_B == sampling.eos_id)
+    if use_cache:
+      logits_Bx1xV, variables = model.apply({"params": params, "cache": carry_model}, token_B[:, None],
+                                            position_B[:, None], segment_B[:, None], mutable=["cache"])
+      carry_model, logits_BxV = variables["cache"], logits_Bx1xV[:, 0]
+    else:
+      slot = Pl + step
+      tokens_BxS, positions_BxS, segments_BxS = carry_model
+      carry_model = (tokens_BxS.at[:, slot].set(token_B), positions_BxS.at[:, slot].set(position_B),
+                     segments_BxS.at[:, slot].set(segment_B))
+      logits_BxV = jax.lax.dynamic_index_in_dim(model.apply({"params": params}, *carry_model), slot, 1, False)
+    return step + 1, carry_model, logits_BxV, position_B + 1, done_B, out_BxT, rng, all_logits
+
+  state = (jnp.zeros((), jnp.int32), carry_model, logits_BxV, position_B, done_B, out_BxT, rng, all_logits)
+  state = jax.lax.while_loop(cond, body, state)
+  return state[5], state[7]
+
+
+class Sampler:
+  """Compiles and runs generation for one model on one mesh. Reuse it: compiled loops are cached per shape."""
+
+  def __init__(self, model: nn.Module, mesh: Mesh, rules: Rules, *, pad_id: int = 0, prompt_bucket: int = 16,
+               cache_dtype=None):
+    self.model, self.mesh, self.rules, self.pad_id = model, mesh, rules, pad_id
+    self.prompt_bucket = prompt_bucket
+    self.cache_dtype = cache_dtype or model.cfg.compute_dtype
+    self.batch_shards = axis_size(mesh, mesh_axes_of("act_batch", rules))
+    self._compiled: dict[tuple, Any] = {}
+
+  def _fn(self, sampling: SamplingConfig, use_cache: bool, return_logits: bool):
+    key = (sampling, use_cache, return_logits)
+    if key not in self._compiled:
+      rows = batch_sharding(self.mesh)
+      fn = functools.partial(_generate, self.model, sampling=sampling, use_cache=use_cache,
+                             return_logits=return_logits, pad_id=self.pad_id, cache_dtype=self.cache_dtype)
+      self._compiled[key] = jax.jit(fn, in_shardings=(None, rows, rows, rows, rows, replicated(self.mesh)),
+                                    out_shardings=(rows, rows if return_logits else None))
+    return self._compiled[key]
+
+  def generate(self, params: Any, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+               rng: jax.Array | None = None, *, padding: str = "left", use_cache: bool = True,
+               return_logits: bool = False) -> DecodeOutput:
+    """Generates up to sampling.max_new_tokens ids after each prompt (lists of ids, BOS included by the caller)."""
+    if not prompts:
+      return DecodeOutput([], None)
+    rng = jax.random.key(0) if rng is None else rng
+    num = len(prompts)
+    batch = -(-num // self.batch_shards) * self.batch_shards
+    # Filler rows (a copy of the first prompt) make the batch divisible by the batch shards; they are dropped.
+    prompts = [list(p) for p in prompts] + [list(prompts[0])] * (batch - num)
+    longest = max(len(p) for p in prompts)
+    length = -(-longest // self.prompt_bucket) * self.prompt_bucket
+    host = pad_prompts(prompts, length, padding, self.pad_id)
+    with mesh_context(self.mesh, self.rules):
+      tokens_BxT, logits_BxTxV = self._fn(sampling, use_cache, return_logits)(params, *host, rng)
+    tokens_BxT = np.asarray(jax.device_get(tokens_BxT))[:num]
+    out = []
+    for row in tokens_BxT:
+      row = row.tolist()
+      if sampling.eos_id in row:
+        row = row[:row.index(sampling.eos_id) + 1]
+      out.append(row)
+    logits = np.asarray(jax.device_get(logits_BxTxV))[:num] if return_logits else None
+    return DecodeOutput(out, logits)
+
+
+def generate_text(sampler: Sampler, params: Any, tokenizer, texts: Sequence[str], sampling: SamplingConfig,
+                  rng: jax.Array | None = None, **kwargs) -> list[str]:
+  """Prompts are [BOS] + tokens of each text (as documents are packed for training); returns the continuations."""
+  prompts = [[tokenizer.bos_id] + ids for ids in tokenizer.encode_batch(list(texts))]
+  output = sampler.generate(params, prompts, sampling, rng, **kwargs)
+  return [tokenizer.decode([t for t in row if t != sampling.eos_id]) for row in output.tokens]
+
