@@ -97,12 +97,16 @@ def test_import_record_and_experiment_config(imported):
   assert config.model.tie_embeddings == (imported["name"] == "tied")
   assert (config.model.num_heads, config.model.num_kv_heads, config.model.head_dim) == (4, 2, 16)
   assert config.model.rope_theta == 5000.0 and config.model.norm_eps == 1e-5 and config.model.vocab_size == 256
-  # The step-0 checkpoint holds a fresh optimizer state: the training loop resumes from it.
+  # The step-0 checkpoint holds a fresh optimizer and data-iterator state: the training loop resumes from it
+  # exactly as it does here.
   from tweetjax.train.checkpoint import CheckpointManager
+  from tweetjax.train.loop import make_train_iterator
   with CheckpointManager(str(imported["root"] / "workdir")) as manager:
     assert manager.all_steps() == [0]
-    restored = manager.restore(0, imported["experiment"].layout)
-  assert int(restored.state.step) == 0
+    restored = manager.restore_latest(imported["experiment"].layout)
+  assert int(restored.state.step) == 0 and restored.meta["source"] == "hf_import"
+  make_train_iterator(imported["config"], imported["experiment"]).set_state(restored.data_state)
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(restored.state.opt_state))
   np.testing.assert_array_equal(restored.state.params["final_norm"]["scale"],
                                 imported["model"].model.norm.weight.detach().numpy())
 

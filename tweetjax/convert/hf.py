@@ -3,7 +3,8 @@
 Import: each param is built directly in its shards (`jax.make_array_from_callback`): a device's block is read from
 the safetensors files for just that device's slice of that param, so host memory holds one block at a time, never
 the model. The params then go into a step-0 training checkpoint (`tweetjax.train.checkpoint`) with a fresh
-optimizer state, which `tools/train.py --workdir` resumes from and `restore_params` reads.
+optimizer state and a fresh data-iterator state (what the loop would have saved at step 0), which
+`tools/train.py --workdir` resumes from and `restore_params` reads.
 
 Export: the params are restored onto the local devices and copied to host one layer of one param at a time, into
 safetensors shards of at most `max_shard_size` bytes, loadable by `transformers.LlamaForCausalLM`.
@@ -77,12 +78,21 @@ def load_hf_params(hf_dir: str, abstract_params: Any, cfg: ModelConfig, hf_vocab
     started = time.perf_counter()
 
     def block(index, spec=spec, leaf=leaf):
-      return stacked_block(reader.read, spec, index, leaf.shape, cfg.head_dim, hf_vocab_size).astype(leaf.dtype)
+      return stacked_block(reader.read, spec, index, leaf.shape, cfg.head_dim, hf_vocab_size, leaf.dtype)
 
-    arrays.append(jax.make_array_from_callback(leaf.shape, leaf.sharding, block))
+    arrays.append(_build_sharded(leaf, block))
     logging.info("imported %s %s %s in %.2fs", spec.name, tuple(leaf.shape), leaf.dtype,
                  time.perf_counter() - started)
   return jax.tree_util.tree_unflatten(treedef, arrays)
+
+
+def _build_sharded(leaf: jax.ShapeDtypeStruct, block) -> jax.Array:
+  """Like jax.make_array_from_callback, but each device's block goes to its device before the next one is read
+  (make_array_from_callback gathers every local block on host first: the whole param, for one host)."""
+  per_device = []
+  for device, index in leaf.sharding.addressable_devices_indices_map(leaf.shape).items():
+    per_device.append(jax.device_put(block(index), device))
+  return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, per_device)
 
 
 def import_hf(hf_dir: str, workdir: str, config: ml_collections.ConfigDict | None = None, *,
@@ -126,8 +136,8 @@ def import_hf(hf_dir: str, workdir: str, config: ml_collections.ConfigDict | Non
   }
   os.makedirs(workdir, exist_ok=True)
   with CheckpointManager(workdir, async_save=False) as manager:
-    manager.save(0, state, None, config=config, force=True, extra_meta={"source": "hf_import",
-                                                                      "hf_dir": record["hf_dir"]})
+    manager.save(0, state, _fresh_data_state(config, experiment), config=config, force=True,
+                 extra_meta={"source": "hf_import", "hf_dir": record["hf_dir"]})
   record["import_seconds"] = time.perf_counter() - started
   if jax.process_index() == 0:
     with open(record_path, "w") as f:
@@ -136,6 +146,19 @@ def import_hf(hf_dir: str, workdir: str, config: ml_collections.ConfigDict | Non
     if os.path.exists(tokenizer):
       shutil.copy(tokenizer, os.path.join(workdir, "tokenizer.model"))
   return record
+
+
+def _fresh_data_state(config: ml_collections.ConfigDict, experiment) -> Any:
+  """The state of a new training data iterator: the training loop resumes the step-0 checkpoint with it."""
+  from tweetjax.train.loop import make_train_iterator
+
+  try:
+    return make_train_iterator(config, experiment).get_state()
+  except Exception as e:  # noqa: BLE001  (re-raised with what to do)
+    raise ValueError(
+        f"cannot build the training data iterator (config.data.source={config.data.source!r}): {e}. The imported "
+        "step-0 checkpoint records its state so that tools/train.py can resume from it; import with the same "
+        "--config.data.* overrides you will train with") from e
 
 
 def _check_model_matches(config: ml_collections.ConfigDict, overrides: dict[str, Any], hf_vocab_size: int,

@@ -162,17 +162,19 @@ def expected_hf_shape(tensor: TensorMap, shape: Sequence[int], hf_vocab: int) ->
   return (hf_vocab, shape[0])  # lm_head
 
 
-def stacked_block(read, spec: ParamSpec, index: Index, shape: Sequence[int], head_dim: int,
-                  hf_vocab: int) -> np.ndarray:
-  """Block `index` of a tweetjax param leaf of `shape` (stacked over layers or not)."""
+def stacked_block(read, spec: ParamSpec, index: Index, shape: Sequence[int], head_dim: int, hf_vocab: int,
+                  dtype) -> np.ndarray:
+  """Block `index` of a tweetjax param leaf of `shape` (stacked over layers or not), in `dtype`."""
   if spec.layers is None or len(spec.layers) == 1:
     hf_name = spec.hf_names()[0]
-    return read_block(read, spec.tensor, hf_name, index, shape, head_dim, hf_vocab)
-  layer_slice = _norm(index[:1], shape[:1])[0]
+    return read_block(read, spec.tensor, hf_name, index, shape, head_dim, hf_vocab).astype(dtype, copy=False)
+  index = _norm(index, shape)
   names = spec.hf_names()
-  blocks = [read_block(read, spec.tensor, names[i], index[1:], shape[1:], head_dim, hf_vocab)
-            for i in range(layer_slice.start, layer_slice.stop)]
-  return np.stack(blocks)
+  # Filled layer by layer: host memory is this block plus one layer of it, not a list of layers plus their stack.
+  out = np.empty(tuple(s.stop - s.start for s in index), dtype)
+  for i, layer in enumerate(range(index[0].start, index[0].stop)):
+    out[i] = read_block(read, spec.tensor, names[layer], index[1:], shape[1:], head_dim, hf_vocab)
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
