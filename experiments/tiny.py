@@ -19,3 +19,11 @@ def get_config(arg=None):
   config.train.steps = 100
   config.lock()
   return config
+
+
+def sweep():
+  """Example: `python tools/sweep.py --config=experiments/tiny.py --workdir=/tmp/tiny_sweep --parallel=2`."""
+  from tweetjax.sweep import product, zip_
+  return product({"optimizer.learning_rate": [1e-3, 3e-3]},
+                 zip_({"model.d_model": [64, 128], "model.mlp_dim": [256, 512]}),
+                 {"train.steps": [50]})
