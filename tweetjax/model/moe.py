@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.layers import constrain, kernel_init, logical_param
+from tweetjax.parallel.mesh import MeshError
 from tweetjax.parallel.rules import DEFAULT_RULES, mesh_axes_of
 
 MOE_STATS = "moe_stats"
@@ -175,8 +176,9 @@ def expert_parallel_moe(x_BxLxD, expert_ids_BxLxK, gates_BxLxK, valid_BxL, gate_
                      "tokens replicated over the axes that split F; fix the logical axis rules")
   expert_shards = math.prod(mesh.shape[a] for a in expert_axes)
   if E % expert_shards:
-    raise ValueError(f"model.num_experts={E} is not divisible by the {expert_shards} expert shards (mesh axes "
-                     f"{list(expert_axes)} of mesh {dict(mesh.shape)})")
+    raise MeshError(f"model.num_experts={E} is not divisible by the {expert_shards} expert shards (mesh axes "
+                    f"{list(expert_axes)} of mesh {dict(mesh.shape)}); change num_experts, the mesh, or the rule "
+                    "for 'experts'")
   pad = -(B * L) % math.prod(mesh.shape[a] for a in token_axes)
   if pad:
     tokens = tuple(jnp.pad(t, [(0, pad)] + [(0, 0)] * (t.ndim - 1)) for t in tokens)  # valid pads with False
