@@ -74,13 +74,13 @@ def build_experiment(config: ml_collections.ConfigDict, devices: Sequence[jax.De
   rules = normalize_rules(config.logical_axis_rules)
   model_config = ModelConfig.from_config(config.model)
   validate_batch(config, mesh, rules)
-  validate_activations({"act_heads": model_config.num_heads, "act_kv_heads": model_config.num_kv_heads,
-                        "act_mlp": model_config.mlp_dim, "act_vocab": model_config.vocab_size,
-                        "act_embed": model_config.d_model, "act_length": int(config.data.seq_len)}, mesh, rules)
   model = Transformer(model_config)
   tx, schedule = make_optimizer(config.optimizer, int(config.train.steps))
   layout = state_layout(model, tx, mesh, rules, int(config.data.seq_len))
   validate_params(layout.abstract_boxed_params, mesh, rules)
+  validate_activations({"act_heads": model_config.num_heads, "act_kv_heads": model_config.num_kv_heads,
+                        "act_mlp": model_config.mlp_dim, "act_vocab": model_config.vocab_size,
+                        "act_embed": model_config.d_model, "act_length": int(config.data.seq_len)}, mesh, rules)
   loss_fn = LossFn(model, mesh, rules, float(config.train.z_loss_weight))
   return Experiment(config, mesh, rules, model_config, model, tx, schedule, layout, loss_fn)
 

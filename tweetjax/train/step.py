@@ -90,7 +90,7 @@ def loss_and_grads(loss_fn: LossFn, params: Any, batch: Batch, num_microbatches:
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation,
                schedule: optax.Schedule, num_microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
   grads, metrics = loss_and_grads(loss_fn, state.params, batch, num_microbatches)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # One non-finite loss or gradient would poison the params and the Adam moments for good: keep the old ones and

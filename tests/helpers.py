@@ -1,0 +1,31 @@
+"""Small shared test utilities."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str | None = None):
+  """experiments/<name>.py's get_config(arg), unlocked so tests can adjust it."""
+  path = os.path.join(REPO, "experiments", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.unlock()
+  return config
+
+
+def assert_trees_close(actual, expected, rtol: float, atol: float = 0.0, what: str = "tree"):
+  flat_a, tree_a = jax.tree_util.tree_flatten_with_path(jax.device_get(actual))
+  flat_e, tree_e = jax.tree_util.tree_flatten_with_path(jax.device_get(expected))
+  assert tree_a == tree_e, f"{what}: tree structures differ"
+  for (path, a), (_, e) in zip(flat_a, flat_e):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol,
+                               err_msg=f"{what} at {jax.tree_util.keystr(path)}")
