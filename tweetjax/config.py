@@ -10,6 +10,7 @@ import dataclasses
 
 import ml_collections
 
+from tweetjax.data.normalize import NormalizeConfig
 from tweetjax.model.config import ModelConfig
 from tweetjax.parallel.rules import DEFAULT_RULES
 
@@ -30,9 +31,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.source = "synthetic"  # "synthetic": learnable random-token stream; "tweets": the tweet loader
   config.data.seq_len = 128
   config.data.global_batch_size = 16
-  config.data.dataset_dir = ""
-  config.data.tokenizer_path = ""
-  config.data.shuffle_seed = 0
+  config.data.dataset_dir = ""  # tools/build_dataset.py output (tweets)
+  config.data.tokenizer_path = ""  # tools/train_tokenizer.py output (SentencePiece .model)
+  config.data.shuffle_seed = 0  # record order of the tweet loader (each epoch reshuffled)
+  config.data.pack_window = 4096  # tweets normalized, tokenized and packed together (larger: denser packing)
+  config.data.num_epochs = 0  # 0: repeat the train split forever
+  # Text normalization applied by the loader: tweetjax.data.normalize.NormalizeConfig documents each option.
+  config.data.normalize = ml_collections.ConfigDict(dataclasses.asdict(NormalizeConfig()))
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 3e-4
@@ -68,4 +73,24 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint.keep_every_steps = 0  # ... plus every step divisible by M, forever (0: none)
   config.checkpoint.async_save = True  # write in the background; the step loop waits only for device->host copies
   # --- end training loop ---
+
+  # --- Evaluation jobs and sampling (tweetjax/evaluate, tools/{evaluate,sample}.py) ---
+  config.eval = ml_collections.ConfigDict()
+  config.eval.data_dir = ""  # eval-set JSONL files (schemas: tweetjax/evaluate/eval_sets.py); "": <dataset_dir>/eval_sets
+  config.eval.batch_size = 16  # sequences per forward pass (rounded up to a multiple of the batch shards)
+  config.eval.max_len = 256  # longest scored/embedded sequence in tokens; longer contexts lose their oldest tokens
+  config.eval.perplexity_max_batches = 0  # perplexity: batches of the validation split to use (0: all of it)
+  config.eval.probe_steps = 300  # flagging: full-batch Adam steps of the logistic-regression probe
+  config.eval.probe_learning_rate = 0.05
+  config.eval.probe_l2 = 1e-3  # L2 penalty on the probe weights
+  config.eval.search_head_steps = 200  # search: InfoNCE steps of a linear head on pooled states (0: raw pooled)
+  config.eval.search_head_dim = 64
+  config.eval.search_temperature = 0.05
+  config.eval.max_new_tokens = 40  # sampling and ad-copy generation
+  config.eval.temperature = 0.8  # 0: greedy
+  config.eval.top_k = 0  # 0: off
+  config.eval.top_p = 0.95  # 1: off
+  config.eval.follow_poll_s = 30.0  # --follow: seconds between looks for new checkpoints
+  config.eval.follow_idle_timeout_s = 0.0  # --follow: exit after this long without a new checkpoint (0: never)
+  # --- end evaluation ---
   return config

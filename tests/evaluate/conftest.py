@@ -1,0 +1,78 @@
+"""One small synthetic tweet dataset, its eval sets, and a tiny model checkpointed untrained (step 0) and briefly
+trained (step TRAIN_STEPS), built once per test session and shared by every evaluation test."""
+
+import dataclasses
+import os
+import pathlib
+
+import pytest
+
+from tests.helpers import load_config
+
+TOKENIZER = str(pathlib.Path(__file__).resolve().parents[1] / "data" / "fixtures" / "tokenizer.model")
+TRAIN_STEPS = 120
+NUM_TWEETS = 2500
+
+
+@dataclasses.dataclass
+class Setup:
+  config: object
+  workdir: str
+  dataset_dir: str
+  eval_dir: str
+  trained_step: int = TRAIN_STEPS
+  untrained_step: int = 0
+
+
+def eval_config(dataset_dir: str, eval_dir: str):
+  config = load_config("tiny")
+  config.data.source = "tweets"
+  config.data.dataset_dir = dataset_dir
+  config.data.tokenizer_path = TOKENIZER
+  config.train.steps = TRAIN_STEPS
+  config.optimizer.warmup_steps = 10
+  config.eval.data_dir = eval_dir
+  config.eval.batch_size = 32
+  config.eval.max_len = 128
+  config.eval.probe_steps = 200
+  config.eval.search_head_steps = 150
+  config.eval.max_new_tokens = 24
+  return config
+
+
+def make_setup(root: pathlib.Path) -> Setup:
+  from tweetjax.data import builder, pipeline, synthetic
+  from tweetjax.evaluate import eval_sets
+  from tweetjax.train.checkpoint import CheckpointManager
+  from tweetjax.train.experiment import build_experiment
+
+  dataset_dir = str(root / "tweets")
+  builder.build([], dataset_dir, builder.BuildConfig(validation_fraction=0.15),
+                generate=lambda raw: synthetic.generate(raw, num_tweets=NUM_TWEETS, seed=11))
+  eval_dir = str(root / "eval_sets")
+  eval_sets.build_eval_sets(dataset_dir, eval_dir, seed=0, max_flagging_train=1500, max_search_queries=120,
+                            max_search_train=1000, num_users=30)
+  config = eval_config(dataset_dir, eval_dir)
+  workdir = str(root / "workdir")
+  experiment = build_experiment(config)
+  state = experiment.init_state()
+  batches = pipeline.make_iterator(config, experiment.mesh, "train")
+  train_step = experiment.train_step()
+  with CheckpointManager(workdir, async_save=False) as manager:
+    manager.save(0, state, force=True)
+    for _ in range(TRAIN_STEPS):
+      state, metrics = train_step(state, next(batches))
+    manager.save(TRAIN_STEPS, state, force=True)
+  print(f"trained tiny model: loss {float(metrics['loss']):.3f} after {TRAIN_STEPS} steps")
+  return Setup(config, workdir, dataset_dir, eval_dir)
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory) -> Setup:
+  return make_setup(tmp_path_factory.mktemp("evaluate"))
+
+
+@pytest.fixture(scope="session")
+def evaluator(setup):
+  from tweetjax.evaluate.runner import Evaluator
+  return Evaluator(setup.config, setup.workdir)

@@ -1,0 +1,81 @@
+"""Flagging job (content moderation): per-label precision, recall, F1 and ROC-AUC of two classifiers.
+
+  probe      class-balanced logistic regression on mean-pooled final hidden states, trained on
+             flagging_train.jsonl, evaluated on flagging_eval.jsonl (a positive is logit > 0);
+  zero-shot  no training: score(label) = log p(positive prompt) - log p(negative prompt), each prompt being a
+             template around the tweet (LABEL_PROMPTS); positive when the score is > 0. On a base model trained
+             only on tweets this is near chance; it is meant for larger or instruction-tuned checkpoints.
+The headline metrics are the macro averages over labels: `probe/macro_auc` and `probe/macro_f1`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from tweetjax.evaluate import eval_sets
+from tweetjax.evaluate import metrics as metrics_lib
+from tweetjax.evaluate.common import EvalContext, normalize_texts
+from tweetjax.evaluate.probe import LogisticProbe
+
+# (positive template, negative template) per label; "{text}" is replaced by the tweet.
+LABEL_PROMPTS = {
+    "toxicity": ("{text} this tweet is toxic, insulting and hateful", "{text} this tweet is friendly and polite"),
+    "spam": ("{text} this tweet is spam, a scam with links", "{text} this tweet is a normal personal post"),
+    "misinformation": ("{text} this tweet is a false conspiracy theory", "{text} this tweet is accurate and true"),
+}
+_GENERIC_PROMPTS = ("{text} this tweet is {label}", "{text} this tweet is not {label}")
+
+
+def load_split(ctx: EvalContext, name: str) -> tuple[list[str], list[str], np.ndarray]:
+  """(texts normalized like training text, label names, labels int[N, C]) of flagging_<name>.jsonl."""
+  records = eval_sets.read_jsonl(os.path.join(eval_sets.data_dir_of(ctx.config), f"flagging_{name}.jsonl"),
+                                 "flagging")
+  names = sorted(records[0]["labels"])
+  labels = np.array([[r["labels"][n] for n in names] for r in records], np.int32)
+  return normalize_texts(ctx.config, [r["text"] for r in records]), names, labels
+
+
+def train_probe(ctx: EvalContext) -> tuple[LogisticProbe, list[str]]:
+  texts, names, labels = load_split(ctx, "train")
+  cfg = ctx.eval_config
+  probe = LogisticProbe.fit(ctx.embed(texts), labels, steps=int(cfg.probe_steps),
+                            learning_rate=float(cfg.probe_learning_rate), l2=float(cfg.probe_l2))
+  return probe, names
+
+
+def zero_shot_scores(ctx: EvalContext, texts: Sequence[str], names: Sequence[str]) -> np.ndarray:
+  """[N, C] log-likelihood differences between each label's positive and negative prompt."""
+  filled = []
+  for name in names:
+    pos, neg = LABEL_PROMPTS.get(name, tuple(t.replace("{label}", name) for t in _GENERIC_PROMPTS))
+    filled += [pos.format(text=t) for t in texts] + [neg.format(text=t) for t in texts]
+  ll, _ = ctx.loglikelihood([""] * len(filled), filled)
+  ll = ll.reshape(len(names), 2, len(texts))
+  return (ll[:, 0] - ll[:, 1]).T
+
+
+def _report(prefix: str, names: Sequence[str], labels_NxC: np.ndarray, scores_NxC: np.ndarray) -> dict[str, float]:
+  out: dict[str, float] = {}
+  for c, name in enumerate(names):
+    prf = metrics_lib.precision_recall_f1(labels_NxC[:, c], scores_NxC[:, c] > 0)
+    for k, v in prf.items():
+      out[f"{prefix}/{name}/{k}"] = v
+    out[f"{prefix}/{name}/auc"] = metrics_lib.roc_auc(labels_NxC[:, c], scores_NxC[:, c])
+  for k in ("f1", "auc", "precision", "recall"):
+    out[f"{prefix}/macro_{k}"] = float(np.nanmean([out[f"{prefix}/{n}/{k}"] for n in names]))
+  return out
+
+
+def run(ctx: EvalContext, zero_shot: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
+  probe, names = train_probe(ctx)
+  texts, eval_names, labels = load_split(ctx, "eval")
+  if eval_names != names:
+    raise eval_sets.EvalSetError(f"flagging_eval.jsonl has labels {eval_names} but flagging_train.jsonl has {names}")
+  results = _report("probe", names, labels, probe.logits(ctx.embed(texts)))
+  if zero_shot:
+    results.update(_report("zeroshot", names, labels, zero_shot_scores(ctx, texts, names)))
+  details = {"eval_examples": len(texts), "positives": {n: int(labels[:, c].sum()) for c, n in enumerate(names)}}
+  return results, details

@@ -1,0 +1,116 @@
+"""Linear heads trained in JAX/optax on frozen pooled features: the flagging probe and the search head.
+
+Dims: N examples, D feature dim, C labels, E head output dim, B batch.
+Both are tiny next to the model, so they train on the default device, full batch (probe) or in minibatches (head).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class Standardizer:
+  mean_D: np.ndarray
+  std_D: np.ndarray
+
+  @classmethod
+  def fit(cls, x_NxD: np.ndarray) -> "Standardizer":
+    return cls(x_NxD.mean(0), x_NxD.std(0) + 1e-6)
+
+  def __call__(self, x_NxD: np.ndarray) -> np.ndarray:
+    return ((x_NxD - self.mean_D) / self.std_D).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogisticProbe:
+  """Independent class-balanced logistic regressions, one per label (multi-label)."""
+  standardize: Standardizer
+  w_DxC: np.ndarray
+  b_C: np.ndarray
+
+  @classmethod
+  def fit(cls, x_NxD: np.ndarray, y_NxC: np.ndarray, *, steps: int, learning_rate: float, l2: float
+          ) -> "LogisticProbe":
+    standardize = Standardizer.fit(x_NxD)
+    x = jnp.asarray(standardize(x_NxD))
+    y = jnp.asarray(y_NxC, jnp.float32)
+    # Balanced: positives and negatives of each label weigh the same in total (labels are rare).
+    pos_C = jnp.clip(y.mean(0), 1e-3, 1 - 1e-3)
+    weight_NxC = y * (0.5 / pos_C) + (1 - y) * (0.5 / (1 - pos_C))
+    params = {"w": jnp.zeros((x.shape[1], y.shape[1])), "b": jnp.zeros((y.shape[1],))}
+    tx = optax.adam(learning_rate)
+
+    def loss_fn(p):
+      logits = x @ p["w"] + p["b"]
+      ce = optax.sigmoid_binary_cross_entropy(logits, y)
+      return jnp.mean(jnp.sum(ce * weight_NxC, 1)) + l2 * jnp.sum(p["w"] ** 2)
+
+    @jax.jit
+    def train(params):
+      def step(carry, _):
+        p, opt = carry
+        grads = jax.grad(loss_fn)(p)
+        updates, opt = tx.update(grads, opt, p)
+        return (optax.apply_updates(p, updates), opt), None
+      (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+      return params
+
+    params = jax.device_get(train(params))
+    return cls(standardize, np.asarray(params["w"]), np.asarray(params["b"]))
+
+  def logits(self, x_NxD: np.ndarray) -> np.ndarray:
+    return self.standardize(x_NxD) @ self.w_DxC + self.b_C
+
+  def predict(self, x_NxD: np.ndarray) -> np.ndarray:
+    return self.logits(x_NxD) > 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveHead:
+  """A linear map of pooled states trained with symmetric InfoNCE on (query, relevant text) pairs."""
+  standardize: Standardizer
+  w_DxE: np.ndarray
+
+  @classmethod
+  def fit(cls, queries_NxD: np.ndarray, texts_NxD: np.ndarray, *, steps: int, dim: int, temperature: float,
+          learning_rate: float = 3e-3, batch_size: int = 128, seed: int = 0) -> "ContrastiveHead":
+    standardize = Standardizer.fit(np.concatenate([queries_NxD, texts_NxD]))
+    q_all, t_all = jnp.asarray(standardize(queries_NxD)), jnp.asarray(standardize(texts_NxD))
+    D, N = q_all.shape[1], q_all.shape[0]
+    B = min(batch_size, N)
+    rng = jax.random.key(seed)
+    w = jax.random.normal(rng, (D, dim)) / np.sqrt(D)
+    tx = optax.adam(learning_rate)
+
+    def loss_fn(w, q, t):
+      zq = q @ w
+      zt = t @ w
+      zq = zq / jnp.linalg.norm(zq, axis=1, keepdims=True)
+      zt = zt / jnp.linalg.norm(zt, axis=1, keepdims=True)
+      logits_BxB = zq @ zt.T / temperature
+      labels = jnp.arange(q.shape[0])
+      return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits_BxB, labels).mean()
+                    + optax.softmax_cross_entropy_with_integer_labels(logits_BxB.T, labels).mean())
+
+    @jax.jit
+    def train(w, rng):
+      def step(carry, key):
+        w, opt = carry
+        idx = jax.random.choice(key, N, (B,), replace=False)
+        grads = jax.grad(loss_fn)(w, q_all[idx], t_all[idx])
+        updates, opt = tx.update(grads, opt, w)
+        return (optax.apply_updates(w, updates), opt), None
+      (w, _), _ = jax.lax.scan(step, (w, tx.init(w)), jax.random.split(rng, steps))
+      return w
+
+    w = train(w, jax.random.fold_in(rng, 1))
+    return cls(standardize, np.asarray(jax.device_get(w)))
+
+  def __call__(self, x_NxD: np.ndarray) -> np.ndarray:
+    return self.standardize(x_NxD) @ self.w_DxE
