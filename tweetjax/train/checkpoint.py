@@ -163,12 +163,12 @@ class CheckpointManager:
                async_save: bool = True):
     self.workdir = workdir
     self.directory = os.path.join(workdir, CHECKPOINTS)
+    self.every_steps = int(every_steps)
     policies = [preservation_lib.LatestN(n=max_to_keep if max_to_keep > 0 else None)]
     if keep_every_steps > 0:
       policies.append(preservation_lib.EveryNSteps(interval_steps=keep_every_steps))
     options = ocp.CheckpointManagerOptions(
-        # Saves outside the interval (the final step, a preemption) pass force=True.
-        save_interval_steps=every_steps if every_steps > 0 else 2**62,
+        save_interval_steps=1,  # `should_save` decides; orbax is always asked with force=True.
         preservation_policy=preservation_lib.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
         create=True,
@@ -184,7 +184,8 @@ class CheckpointManager:
   # -- saving ------------------------------------------------------------------------------------------------------
 
   def should_save(self, step: int) -> bool:
-    return self._manager.should_save(step)
+    """Periodic saves: every `every_steps` steps (orbax's own policy would also save the first step seen)."""
+    return self.every_steps > 0 and step % self.every_steps == 0 and step not in self._manager.all_steps()
 
   def save(self, step: int, state: TrainState, data_state: Any = None, *, config: Any = None,
            force: bool = False, extra_meta: dict[str, Any] | None = None) -> bool:
@@ -195,7 +196,7 @@ class CheckpointManager:
     """
     if step in self._manager.all_steps():
       return False
-    if not force and not self._manager.should_save(step):
+    if not force and not self.should_save(step):
       return False
     if not bool(_all_finite((state.params, state.opt_state))):
       raise NonFiniteStateError(f"step {step}: params or optimizer state are not finite; refusing to write a "

@@ -99,6 +99,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   nonfinite_mode = str(config.train.nonfinite)
   if nonfinite_mode not in NONFINITE_MODES:
     raise ValueError(f"config.train.nonfinite={nonfinite_mode!r}: expected one of {NONFINITE_MODES}")
+  # Watch for SIGTERM from the start: a preemption during start-up then stops after the first step, with a save.
+  watcher = PreemptionWatcher(int(config.train.preemption_check_every))
+  try:
+    return _train(config, workdir, watcher)
+  finally:
+    watcher.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, watcher: PreemptionWatcher) -> dict[str, Any]:
+  nonfinite_mode = str(config.train.nonfinite)
   cache_dir = setup_compilation_cache(str(config.train.compilation_cache_dir), workdir)
   experiment = build_experiment(config)
   mesh = experiment.mesh
@@ -148,7 +158,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     eval_step = experiment.eval_step()
 
   log_every = max(int(config.train.log_every), 1)
-  watcher = PreemptionWatcher(int(config.train.preemption_check_every))
   profiler = StepProfiler(str(config.train.profile_steps), workdir)
   known_nonfinite = int(jax.device_get(state.nonfinite_steps))
   window: list[dict[str, jax.Array]] = []
@@ -216,7 +225,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         break
   finally:
     profiler.stop()
-    watcher.close()
     checkpoints.close()  # Waits for the background write of the last checkpoint.
     metrics.close()
   last["preempted"] = stopped_early

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import jax
 from absl import logging
+from jax.experimental.compilation_cache import compilation_cache
 
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 _CACHE_REQUEST = "/jax/compilation_cache/compile_requests_use_cache"
@@ -24,7 +25,11 @@ def setup_compilation_cache(cache_dir: str, workdir: str) -> str | None:
     return None
   cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(workdir.rstrip("/"))), "jax_cache")
   os.makedirs(cache_dir, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  if jax.config.jax_compilation_cache_dir != cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    # jax settles on a cache (or none) at its first compilation; start over so this directory takes effect even
+    # when something compiled before (a second run in one process, tests).
+    compilation_cache.reset_cache()
   # Cache every executable that took at least a second to build (the default), whatever its size.
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   logging.info("persistent compilation cache: %s", cache_dir)
