@@ -193,9 +193,17 @@ def _take_layer(x, i):
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1 and not x.is_fully_addressable:
+  """The whole array on host, filled shard by shard (device_get would hold every shard and their concatenation)."""
+  if not x.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
+  out = np.empty(x.shape, x.dtype)
+  done = set()
+  for shard in x.addressable_shards:
+    key = tuple((s.start, s.stop) for s in shard.index)
+    if key not in done:  # replicas of a block are copied once
+      out[shard.index] = np.asarray(shard.data)
+      done.add(key)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,8 +232,8 @@ def export_hf(params: Any, cfg: ModelConfig, out_dir: str, options: ExportOption
   writer = ShardedWriter(out_dir, parse_size(options.max_shard_size)) if jax.process_index() == 0 else None
 
   def add(name: str, array: np.ndarray) -> None:
-    if writer is not None:
-      writer.add(name, array.astype(dtype))
+    if writer is not None:  # one C-ordered copy in the export dtype (transposed views would otherwise copy twice)
+      writer.add(name, array.astype(dtype, order="C"))
 
   # HF order (embeddings, layer by layer, final norm, head): with stacked params one layer slice is on host at a time.
   by_name = {spec.name: (spec, leaf) for spec, leaf in zip(specs, leaves)}

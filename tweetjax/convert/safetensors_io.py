@@ -10,11 +10,11 @@ from __future__ import annotations
 import glob
 import json
 import os
+import struct
 from typing import Any, Sequence
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -110,7 +110,7 @@ class ShardedWriter:
   def flush(self) -> None:
     if not self._buffer:
       return
-    save_file(self._buffer, self._temp_name(len(self._shards)), metadata=self.metadata)
+    write_safetensors(self._temp_name(len(self._shards)), self._buffer, self.metadata)
     self._shards.append(list(self._buffer))
     self._buffer, self._buffer_bytes = {}, 0
 
@@ -128,6 +128,30 @@ class ShardedWriter:
       with open(os.path.join(self.out_dir, INDEX_FILE), "w") as f:
         json.dump(index, f, indent=2)
     return index
+
+
+_DTYPE_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+  """Writes one safetensors file straight from the arrays (safetensors' own save_file first copies every tensor
+  into one bytes buffer, tripling host memory per shard)."""
+  header: dict[str, Any] = {"__metadata__": metadata}
+  offset = 0
+  for name, array in tensors.items():
+    if array.dtype.name not in _DTYPE_CODES:
+      raise ValueError(f"tensor {name}: dtype {array.dtype} cannot be written to safetensors")
+    header[name] = {"dtype": _DTYPE_CODES[array.dtype.name], "shape": list(array.shape),
+                    "data_offsets": [offset, offset + array.nbytes]}
+    offset += array.nbytes
+  encoded = json.dumps(header, separators=(",", ":")).encode()
+  encoded += b" " * (-len(encoded) % 8)  # the format aligns the data section to 8 bytes
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(encoded)))
+    f.write(encoded)
+    for array in tensors.values():
+      f.write(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
 
 
 def parse_size(size: str | int) -> int:
