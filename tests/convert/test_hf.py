@@ -94,6 +94,7 @@ def test_import_record_and_experiment_config(imported):
   record = json.load(open(imported["root"] / "workdir" / hf_config.IMPORT_RECORD))
   assert record["hf_vocab_size"] == imported["model"].config.vocab_size
   config = load_config("hf", str(imported["root"] / "workdir"))
+  assert config.model.to_dict() == imported["config"].model.to_dict()  # the model as imported, dtypes and all
   assert config.model.tie_embeddings == (imported["name"] == "tied")
   assert (config.model.num_heads, config.model.num_kv_heads, config.model.head_dim) == (4, 2, 16)
   assert config.model.rope_theta == 5000.0 and config.model.norm_eps == 1e-5 and config.model.vocab_size == 256

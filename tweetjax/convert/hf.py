@@ -120,6 +120,7 @@ def import_hf(hf_dir: str, workdir: str, config: ml_collections.ConfigDict | Non
   experiment = build_experiment(config)
   cfg = experiment.model_config
   layout = experiment.layout
+  data_state = _fresh_data_state(config, experiment)  # fails fast, before the weights are read
   with mesh_context(experiment.mesh, experiment.rules):
     params = load_hf_params(hf_dir, layout.abstract_state.params, cfg, int(hf["vocab_size"]))
     opt_state = jax.jit(experiment.tx.init, out_shardings=layout.state_shardings.opt_state)(params)
@@ -129,14 +130,15 @@ def import_hf(hf_dir: str, workdir: str, config: ml_collections.ConfigDict | Non
   record = {
       "hf_dir": os.path.abspath(hf_dir),
       "hf_config": hf,
-      "model_overrides": {k: config.model[k] for k in overrides},  # what experiments/hf.py:<workdir> reads
+      "model_overrides": {k: config.model[k] for k in overrides},  # the HF-derived keys, printed by the tool
+      "model": config.model.to_dict(),  # what experiments/hf.py:<workdir> builds (dtypes, remat... as imported)
       "hf_vocab_size": int(hf["vocab_size"]),
       "padded_vocab_size": cfg.vocab_size,
       "param_dtype": cfg.param_dtype,
   }
   os.makedirs(workdir, exist_ok=True)
   with CheckpointManager(workdir, async_save=False) as manager:
-    manager.save(0, state, _fresh_data_state(config, experiment), config=config, force=True,
+    manager.save(0, state, data_state, config=config, force=True,
                  extra_meta={"source": "hf_import", "hf_dir": record["hf_dir"]})
   record["import_seconds"] = time.perf_counter() - started
   if jax.process_index() == 0:

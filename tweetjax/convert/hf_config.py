@@ -195,8 +195,10 @@ def config_from_hf(arg: str) -> ml_collections.ConfigDict:
       raise ValueError(f"experiments/hf.py:{arg}: unknown option {option!r}; expected vocab_multiple=N")
     vocab_multiple = int(value)
   hf, record, source = find_hf_config(path)
-  overrides = record["model_overrides"] if record else model_overrides_from_hf(hf, vocab_multiple=vocab_multiple,
-                                                                               source=source)
+  if record:
+    overrides = record.get("model", record["model_overrides"])
+  else:
+    overrides = model_overrides_from_hf(hf, vocab_multiple=vocab_multiple, source=source)
   config = base_config()
   config.model.update(overrides)
   # The importer copies the tokenizer next to the checkpoint; an HF directory holds it next to config.json.
