@@ -7,7 +7,7 @@ Each point trains its own cosine schedule to its own token count (a fit needs fi
 not intermediate points of one long run). Config args (`experiments/scaling.py:<arg>`):
   size=K               get_config() trains SIZES[K] (default 2)
   sizes=(0,1,2,3,4)    which SIZES the sweep covers
-  steps=(150,300,600)  the step counts the sweep covers (tokens = steps x 16 x 64)
+  steps=(100,200,400)  the step counts the sweep covers (tokens = steps x 16 x 64)
   quick                a 6-point smoke version (3 sizes x 2 short step counts)
 """
 
@@ -15,9 +15,9 @@ from tweetjax.config import base_config
 from tweetjax.config_args import parse_arg
 
 # (d_model, num_layers, num_heads): head_dim 16, mlp 4 x d_model, no grouped kv heads.
-# Non-embedding parameters (N): 16.5k, 74.0k, 131k, 443k, 1.05M.
-SIZES = ((32, 1, 2), (48, 2, 3), (64, 2, 4), (96, 3, 6), (128, 4, 8))
-ARGS = dict(size=2, sizes=(0, 1, 2, 3, 4), steps=(150, 300, 600), quick=False)
+# Non-embedding parameters (N): 16.5k, 37.0k, 131k, 295k, 787k.
+SIZES = ((32, 1, 2), (48, 1, 3), (64, 2, 4), (96, 2, 6), (128, 3, 8))
+ARGS = dict(size=2, sizes=(0, 1, 2, 3, 4), steps=(100, 200, 400), quick=False)
 
 
 def _parse(arg):
@@ -42,9 +42,12 @@ def get_config(arg=None):
   config.data.seq_len = 64
   config.data.global_batch_size = 16
   config.optimizer.learning_rate = 3e-3
-  config.optimizer.warmup_steps = 30
-  config.train.steps = 300
-  config.train.log_every = 10
+  config.optimizer.warmup_steps = 20
+  config.train.steps = 200
+  config.train.log_every = 5
+  config.train.eval_every = 50  # held-out loss (4 batches of the seed + 1 stream): what the law is fitted to
+  config.train.eval_steps = 4
+  config.checkpoint.every_steps = 100  # a killed sweep resumes its points from at most 100 steps back
   config.lock()
   return config
 

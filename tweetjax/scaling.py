@@ -14,6 +14,7 @@ D is the number of training tokens. Compute-optimal sizes use the usual C = 6 N 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Any, Sequence
@@ -118,11 +119,13 @@ def residuals(law: ScalingLaw, N, D, L) -> np.ndarray:
   return np.log(law.loss(np.asarray(N, np.float64), np.asarray(D, np.float64))) - np.log(np.asarray(L))
 
 
+@functools.lru_cache(maxsize=256)
 def non_embedding_params(model_config: Any) -> int:
   """Parameters of the model except the token embedding and the untied output head (the N of scaling laws).
 
   Counted from the abstract parameter tree (jax.eval_shape of init: nothing is allocated), so it follows
-  whatever the model holds (norms, MoE experts: total, not active, parameters).
+  whatever the model holds (norms, MoE experts: total, not active, parameters). `model_config` is a (hashable)
+  ModelConfig; counts are cached.
   """
   import jax
   import jax.numpy as jnp

@@ -13,12 +13,12 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
 from tweetjax.sweep import spec  # noqa: E402
-from tweetjax.sweep.report import Fit, PointResult, swept_keys  # noqa: E402
+from tweetjax.sweep.report import Fit, PointResult, swept_groups  # noqa: E402
 
 
 def _save(fig, path: str) -> str:
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
 
@@ -42,13 +42,14 @@ def loss_curves(results: Sequence[PointResult], metric: str, path: str) -> str:
   return _save(fig, path)
 
 
-def final_vs_key(results: Sequence[PointResult], metric: str, key: str, path: str) -> str | None:
-  """Final metric vs one swept key; one line per combination of the other swept keys."""
+def final_vs_key(results: Sequence[PointResult], metric: str, group: Sequence[str], path: str) -> str | None:
+  """Final metric vs one swept key (and the keys zipped with it); one line per combination of the other keys."""
+  key = group[0]
   points = [r for r in results if key in r.point.overrides and r.final(metric) is not None]
   values = [r.point.overrides[key] for r in points]
   if not points:
     return None
-  others = [k for k in swept_keys(results) if k != key]
+  others = [k for g in swept_groups(results) if g[0] != key for k in g[:1]]
   groups: dict[str, list[PointResult]] = {}
   for r in points:
     label = ", ".join(f"{spec._short_keys(others)[k]}={spec.format_value(r.point.overrides[k])}"  # pylint: disable=protected-access
@@ -67,7 +68,7 @@ def final_vs_key(results: Sequence[PointResult], metric: str, key: str, path: st
     ax.set_xscale("log")
   if not numeric:
     ax.set_xticks(range(len(categories)), categories, rotation=30)
-  ax.set_xlabel(key)
+  ax.set_xlabel(key + (f"  (with {', '.join(group[1:])})" if len(group) > 1 else ""), fontsize=8)
   ax.set_ylabel(f"final {metric}")
   ax.grid(alpha=0.3)
   if 1 < len(groups) <= 16:
@@ -126,9 +127,9 @@ def scaling_fit(fit: Fit, path: str) -> str:
 def draw_all(results: Sequence[PointResult], metric: str, fit: Fit | None, out_dir: str) -> list[str]:
   os.makedirs(out_dir, exist_ok=True)
   paths = [loss_curves(results, metric, os.path.join(out_dir, "loss_curves.png"))]
-  for key in swept_keys(results):
-    safe = spec._UNSAFE.sub("-", key)  # pylint: disable=protected-access
-    paths.append(final_vs_key(results, metric, key, os.path.join(out_dir, f"final_{metric}_vs_{safe}.png")))
+  for group in swept_groups(results):
+    safe = spec._UNSAFE.sub("-", group[0])  # pylint: disable=protected-access
+    paths.append(final_vs_key(results, metric, group, os.path.join(out_dir, f"final_{metric}_vs_{safe}.png")))
   paths.append(loss_vs_compute(results, metric, os.path.join(out_dir, "loss_vs_compute.png")))
   if fit is not None:
     paths.append(scaling_fit(fit, os.path.join(out_dir, "scaling_fit.png")))

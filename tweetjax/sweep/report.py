@@ -98,7 +98,8 @@ def collect(points: Sequence[runner.Point]) -> list[PointResult]:
         seq_len = int(point.config.data.seq_len)
         result.tokens = int(point.config.train.steps) * int(point.config.data.global_batch_size) * seq_len
         if flops_per_token is not None:
-          result.flops = float(flops_per_token(model_config, seq_len)) * result.tokens
+          per_token = flops_per_token(model_config, seq_len)
+          result.flops = float(getattr(per_token, "train", per_token)) * result.tokens
         else:
           embed = model_config.vocab_size * model_config.d_model * (1 if model_config.tie_embeddings else 2)
           result.flops = 6.0 * (result.N + embed) * result.tokens
@@ -113,6 +114,26 @@ def swept_keys(results: Sequence[PointResult]) -> list[str]:
   for result in results:
     keys += [key for key in result.point.overrides if key not in keys]
   return keys
+
+
+def swept_groups(results: Sequence[PointResult]) -> list[list[str]]:
+  """Swept keys grouped by keys that move together (zipped: each determines the other), first key first."""
+  keys = swept_keys(results)
+  columns = {key: [spec.format_value(r.point.overrides.get(key)) for r in results] for key in keys}
+
+  def determines(a, b):
+    mapping = {}
+    return all(mapping.setdefault(x, y) == y for x, y in zip(columns[a], columns[b]))
+
+  groups: list[list[str]] = []
+  for key in keys:
+    for group in groups:
+      if determines(group[0], key) and determines(key, group[0]):
+        group.append(key)
+        break
+    else:
+      groups.append([key])
+  return groups
 
 
 def pick_metric(results: Sequence[PointResult], preferred: Sequence[str]) -> str:
@@ -224,7 +245,7 @@ def fit_markdown(summary: dict[str, Any]) -> str:
 
 
 def write_report(points: Sequence[runner.Point], out_dir: str, *, metric: str = "loss",
-                 fit_metrics: Sequence[str] = ("ce_loss", "loss"), fit_tail: float = 0.1,
+                 fit_metrics: Sequence[str] = ("eval_loss", "ce_loss", "loss"), fit_tail: float = 0.1,
                  flop_budgets: Sequence[float] = ()) -> str:
   """Writes results.{md,csv}, scaling_fit.json (when a law can be fitted) and the plots; returns the markdown."""
   results = collect(points)

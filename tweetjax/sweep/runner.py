@@ -5,7 +5,9 @@ the runner writes it only after the subprocess exited 0 and the point's metrics.
 Re-running the sweep skips finished points and restarts the rest in their own workdirs, where the training loop
 resumes from the newest checkpoint. A failing point gets a `failed.json` with its exit status and stderr tail and
 does not stop the others. A per-point lock (flock, held by the runner and inherited by the subprocess) keeps two
-runners from training the same point at once; subprocesses die with the runner (PR_SET_PDEATHSIG on Linux).
+runners from training the same point at once: a runner waits for a locked point and skips it if it gets done, so
+several runners can share one sweep. Subprocesses get SIGTERM when their runner dies (PR_SET_PDEATHSIG on Linux):
+the training loop then saves a checkpoint and exits, and the next invocation resumes from it.
 """
 
 from __future__ import annotations
@@ -83,7 +85,11 @@ def plan(config_path: str, workdir: str, devices_per_point: int = 0) -> list[Poi
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-  """Rows of a metrics.jsonl; a torn last line (crash mid-write) is skipped; re-logged steps keep the last row."""
+  """Rows of a metrics.jsonl, one per step, in step order.
+
+  Rows of the same step are merged (the loop writes training and eval metrics as separate rows; a step logged
+  again after a resume overrides the earlier values). A torn last line (crash mid-write) is skipped.
+  """
   rows: dict[int, dict[str, Any]] = {}
   if not os.path.exists(path):
     return []
@@ -100,7 +106,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
         logging.warning("%s:%d: skipping a malformed metrics row (expected JSON with 'step'): %r", path, number,
                         line[:200])
       continue
-    rows[step] = row
+    rows.setdefault(step, {}).update(row)
   return [rows[step] for step in sorted(rows)]
 
 
@@ -209,6 +215,7 @@ class SweepRunner:
     self.invocation = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     self.summary: dict[str, Any] = {"invocation": self.invocation, "started": [], "done": [], "failed": {},
                                     "skipped": {}}
+    self.waiting: set[str] = set()
 
   def _event(self, event: str, point: Point, **extra) -> None:
     row = {"time": time.time(), "invocation": self.invocation, "event": event, "point": point.name, **extra}
@@ -235,8 +242,6 @@ class SweepRunner:
         self._fail(point, point.error)
       elif state == "done":
         self._skip(point, "done")
-      elif state == "running":
-        self._skip(point, "locked: another runner is training it")
       elif state == "failed" and not self.retry_failed:
         self._skip(point, "failed before (--noretry_failed)")
       elif self.assign_gpus and point.devices > len(self.free_gpus):
@@ -252,7 +257,10 @@ class SweepRunner:
       fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       lock_file.close()
-      self._skip(point, "locked: another runner is training it")
+      if point.name not in self.waiting:
+        self.waiting.add(point.name)
+        self._event("wait", point, reason="locked by another process")
+        self.echo(f"[sweep] waiting for {point.name}: another runner (or a stopping subprocess) holds its lock")
       return None
     gpu_ids = []
     if self.assign_gpus:
@@ -312,13 +320,18 @@ class SweepRunner:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
       while queue or running:
-        while queue and len(running) < self.parallel:
-          fits = [p for p in queue if not self.assign_gpus or p.devices <= len(self.free_gpus)]
-          if not fits:
+        for point in list(queue):
+          if len(running) >= self.parallel:
             break
-          queue.remove(fits[0])
-          started = self._start(fits[0])
+          if self.assign_gpus and point.devices > len(self.free_gpus):
+            continue
+          if os.path.exists(os.path.join(point.workdir, DONE)):  # finished by another runner meanwhile
+            queue.remove(point)
+            self._skip(point, "done")
+            continue
+          started = self._start(point)  # None while another process holds the point's lock: retried later
           if started:
+            queue.remove(point)
             running.append(started)
         time.sleep(0.2)
         for run in list(running):
