@@ -17,6 +17,14 @@ GOLDEN = [
     ("score 3-1 on 2023-10-05, id 1234567890123456789, £20", "score 3-1 on 2023-10-05, id 1234567890123456789, £20"),
     ("see www.example.com/@alice and medium.com/@bob", "see <url> and medium.com/@user"),
     ("ctrl\x07chars\x00gone", "ctrlcharsgone"),
+    # edges of the fast paths: URL case (and U+017F, which re.IGNORECASE folds to s), mention boundaries, Unicode
+    # digits, whitespace that only appears after unescaping, numbers that are not phones
+    ("HTTPS://Example.com/x, WwW.x.org and http\u017f://y.io", "<url> <url> and <url>"),
+    ("@a x.@b c@d @@e (@f) @abcdefghijklmnopq", "@user x.@b c@d @@e (@user) @abcdefghijklmnopq"),
+    ("call \u0665\u0665\u0665-\u0661\u0662\u0663-\u0664\u0665\u0666\u0667 or \uff15\uff15\uff15\uff11\uff12\uff13\uff14\uff15\uff16\uff17",
+     "call <phone> or <phone>"),
+    ("a&nbsp;&nbsp;b\r\n\u3000c&#12;d\x0b e\u2028", "a b c d e"),
+    ("id+555-123-4567 x5551234567 555-123-45678 +1 2 3", "id+555-123-4567 x5551234567 555-123-45678 <phone>"),
 ]
 
 
@@ -29,6 +37,14 @@ def test_golden(raw, want):
 def test_batch_equals_single():
   raws = [r for r, _ in GOLDEN] + ["", "&#0;", "a\x00b"]
   assert normalize_batch(raws) == [normalize(r) for r in raws]
+
+
+def test_ascii_patterns_equal_unicode_patterns():
+  # An all-ASCII batch uses the re.ASCII patterns; "&eacute;" turns the batch non-ASCII after unescaping, so the
+  # same texts then go through the Unicode patterns.
+  raws = [r for r, _ in GOLDEN if r.isascii()] + ["x_1@a-b.io 555 123 4567\t+1 (20) 7946", "www.a\x1cb http://c d"]
+  for config in (NormalizeConfig(), NormalizeConfig(urls="remove", collapse_whitespace=False)):
+    assert normalize_batch(raws + ["&eacute;"], config)[:-1] == normalize_batch(raws, config)
 
 
 def test_options():
