@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.probe_steps = 300  # flagging: full-batch Adam steps of the logistic-regression probe
   config.eval.probe_learning_rate = 0.05
   config.eval.probe_l2 = 1e-3  # L2 penalty on the probe weights
+  config.eval.flagging_zero_shot = True  # flagging: also score label prompts zero-shot (2 x labels passes per tweet)
   config.eval.search_head_steps = 200  # search: InfoNCE steps of a linear head on pooled states (0: raw pooled)
   config.eval.search_head_dim = 64
   config.eval.search_temperature = 0.05

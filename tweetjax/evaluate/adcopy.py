@@ -38,7 +38,8 @@ def run(ctx: EvalContext, num_generations: int = 2) -> tuple[dict[str, float], d
   ll, counts = ctx.loglikelihood(contexts, references)
   nll_per_token = float(-ll.sum() / counts.sum())
 
-  sampler = Sampler(ctx.experiment.model, ctx.experiment.mesh, ctx.experiment.rules, pad_id=ctx.tokenizer.pad_id)
+  sampler = ctx.cached("sampler", lambda: Sampler(ctx.experiment.model, ctx.experiment.mesh, ctx.experiment.rules,
+                                                  pad_id=ctx.tokenizer.pad_id))
   requests = [t for t in prompt_texts for _ in range(num_generations)]
   generations = generate_text(sampler, ctx.params, ctx.tokenizer, requests, sampling_config(ctx),
                               jax.random.key(int(ctx.config.seed)))

@@ -45,7 +45,13 @@ class EvalContext:
   step: int
   tokenizer: Tokenizer
   workdir: str
-  _scorer: "TextScorer | None" = None
+  # Compiled helpers (scorer, eval step, sampler) shared across checkpoints by the runner.
+  cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def cached(self, name: str, factory):
+    if name not in self.cache:
+      self.cache[name] = factory()
+    return self.cache[name]
 
   @property
   def eval_config(self) -> ml_collections.ConfigDict:
@@ -53,10 +59,8 @@ class EvalContext:
 
   @property
   def scorer(self) -> "TextScorer":
-    if self._scorer is None:
-      self._scorer = TextScorer(self.experiment, self.tokenizer, int(self.eval_config.batch_size),
-                                int(self.eval_config.max_len))
-    return self._scorer
+    return self.cached("scorer", lambda: TextScorer(self.experiment, self.tokenizer, int(self.eval_config.batch_size),
+                                                    int(self.eval_config.max_len)))
 
   def loglikelihood(self, contexts: Sequence[str], continuations: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return self.scorer.loglikelihood(self.params, contexts, continuations)

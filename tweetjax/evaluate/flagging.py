@@ -6,6 +6,7 @@
              template around the tweet (LABEL_PROMPTS); positive when the score is > 0. On a base model trained
              only on tweets this is near chance; it is meant for larger or instruction-tuned checkpoints.
 The headline metrics are the macro averages over labels: `probe/macro_auc` and `probe/macro_f1`.
+config.eval.flagging_zero_shot=False skips the zero-shot mode (it scores 2 x labels sequences per tweet).
 """
 
 from __future__ import annotations
@@ -69,13 +70,13 @@ def _report(prefix: str, names: Sequence[str], labels_NxC: np.ndarray, scores_Nx
   return out
 
 
-def run(ctx: EvalContext, zero_shot: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
+def run(ctx: EvalContext) -> tuple[dict[str, float], dict[str, Any]]:
   probe, names = train_probe(ctx)
   texts, eval_names, labels = load_split(ctx, "eval")
   if eval_names != names:
     raise eval_sets.EvalSetError(f"flagging_eval.jsonl has labels {eval_names} but flagging_train.jsonl has {names}")
   results = _report("probe", names, labels, probe.logits(ctx.embed(texts)))
-  if zero_shot:
+  if ctx.eval_config.flagging_zero_shot:
     results.update(_report("zeroshot", names, labels, zero_shot_scores(ctx, texts, names)))
   details = {"eval_examples": len(texts), "positives": {n: int(labels[:, c].sum()) for c, n in enumerate(names)}}
   return results, details

@@ -33,7 +33,7 @@ def run(ctx: EvalContext) -> tuple[dict[str, float], dict[str, Any]]:
   batches = pipeline.iterate_packed_batches(
       dataset_dir, ctx.tokenizer, int(config.data.seq_len), int(config.data.global_batch_size),
       split="validation", normalize_config=options, pack_window=int(config.data.get("pack_window", 4096)))
-  eval_step = ctx.experiment.eval_step()
+  eval_step = ctx.cached("eval_step", ctx.experiment.eval_step)
   max_batches = int(config.eval.perplexity_max_batches)
   nats, tokens, num_batches = 0.0, 0.0, 0
   for batch in batches:

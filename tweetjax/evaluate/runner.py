@@ -32,12 +32,10 @@ class Evaluator:
     self.config, self.workdir = config, workdir
     self.experiment = experiment or build_experiment(config)
     self.tokenizer = common.load_tokenizer(config)
-    self._scorer: common.TextScorer | None = None
+    self.cache: dict[str, Any] = {}
 
   def context(self, params: Any, step: int) -> common.EvalContext:
-    ctx = common.EvalContext(self.config, self.experiment, params, step, self.tokenizer, self.workdir)
-    ctx._scorer = self._scorer = self._scorer or ctx.scorer  # pylint: disable=protected-access
-    return ctx
+    return common.EvalContext(self.config, self.experiment, params, step, self.tokenizer, self.workdir, self.cache)
 
   def evaluate(self, job: str, step: int | None = None, params: Any = None, write: bool = True
                ) -> tuple[int, dict[str, float], dict[str, Any]]:

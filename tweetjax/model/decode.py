@@ -41,6 +41,7 @@ class SamplingConfig:
   top_k: int = 0  # keep the k most likely tokens; 0 = all
   top_p: float = 1.0  # nucleus: smallest set of tokens with probability >= top_p; 1 = all
   eos_id: int = 2  # a row stops after emitting it; -1 = never stop early
+  vocab_size: int = 0  # sample only ids < vocab_size (a tokenizer smaller than the model's vocab); 0 = all ids
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -56,10 +57,12 @@ class SamplingConfig:
 def sample_logits(logits_BxV: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
   """Next token ids [B] from logits: greedy, or temperature / top-k / top-p filtered categorical sampling."""
   logits_BxV = logits_BxV.astype(jnp.float32)
+  neg_inf = jnp.finfo(jnp.float32).min
+  if sampling.vocab_size and sampling.vocab_size < logits_BxV.shape[-1]:
+    logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < sampling.vocab_size, logits_BxV, neg_inf)
   if sampling.temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits_BxV = logits_BxV / sampling.temperature
-  neg_inf = jnp.finfo(jnp.float32).min
   if sampling.top_k:
     kth_Bx1 = jax.lax.top_k(logits_BxV, min(sampling.top_k, logits_BxV.shape[-1]))[0][:, -1:]
     logits_BxV = jnp.where(logits_BxV < kth_Bx1, neg_inf, logits_BxV)
@@ -241,7 +244,11 @@ class Sampler:
 
 def generate_text(sampler: Sampler, params: Any, tokenizer, texts: Sequence[str], sampling: SamplingConfig,
                   rng: jax.Array | None = None, **kwargs) -> list[str]:
-  """Prompts are [BOS] + tokens of each text (as documents are packed for training); returns the continuations."""
+  """Prompts are [BOS] + tokens of each text (as documents are packed for training); returns the continuations.
+
+  Sampling is restricted to the tokenizer's ids (the model's vocab may be padded beyond them).
+  """
+  sampling = dataclasses.replace(sampling, vocab_size=sampling.vocab_size or tokenizer.vocab_size)
   prompts = [[tokenizer.bos_id] + ids for ids in tokenizer.encode_batch(list(texts))]
   output = sampler.generate(params, prompts, sampling, rng, **kwargs)
   return [tokenizer.decode([t for t in row if t != sampling.eos_id]) for row in output.tokens]

@@ -1,0 +1,141 @@
+"""Every job end to end on `tiny`: the briefly trained checkpoint beats the untrained one by a stated margin; the
+scorer equals a hand-written forward pass; the sharded index search equals brute force; --follow picks up new
+checkpoints and skips evaluated ones."""
+
+import json
+import os
+import shutil
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from tweetjax.evaluate import common, flagging, runner
+from tweetjax.evaluate.search import exact_search
+from tweetjax.evaluate import metrics as metrics_lib
+
+pytestmark = pytest.mark.slow
+
+
+def _both(evaluator, setup, job):
+  _, untrained, _ = evaluator.evaluate(job, setup.untrained_step)
+  _, trained, _ = evaluator.evaluate(job, setup.trained_step)
+  return untrained, trained
+
+
+def test_perplexity(evaluator, setup):
+  untrained, trained = _both(evaluator, setup, "perplexity")
+  # Untrained is about uniform over the 1024 ids (~7 nats); 120 steps reach < 2.5 nats/token.
+  assert untrained["loss"] > 6.0 and trained["loss"] < 2.5
+  assert trained["bits_per_byte"] < 0.5 * untrained["bits_per_byte"]
+  assert trained["bits_per_byte"] == pytest.approx(trained["loss"] * trained["tokens"] / np.log(2) / trained["bytes"])
+  record = json.load(open(common.results_path(setup.workdir, "perplexity", setup.trained_step)))
+  assert record["metrics"]["bits_per_byte"] == pytest.approx(trained["bits_per_byte"])
+  assert record["details"]["whole_split"] and os.listdir(os.path.join(setup.workdir, "tensorboard", "eval",
+                                                                     "perplexity"))
+
+
+def test_flagging_probe(evaluator, setup):
+  untrained, trained = _both(evaluator, setup, "flagging")
+  # The probe on trained features separates the labels much better (measured ~0.98 vs ~0.79 macro AUC).
+  assert trained["probe/macro_auc"] >= untrained["probe/macro_auc"] + 0.1
+  assert trained["probe/macro_auc"] > 0.9 and trained["probe/macro_f1"] > 0.5
+  for name in ("toxicity", "spam", "misinformation"):
+    assert {f"probe/{name}/{k}" for k in ("precision", "recall", "f1", "auc")} <= set(trained)
+
+
+def test_search(evaluator, setup):
+  untrained, trained = _both(evaluator, setup, "search")
+  # Contrastive head on trained states: MRR ~0.23 vs ~0.11 untrained.
+  assert trained["head/mrr"] >= untrained["head/mrr"] + 0.05
+  assert trained["head/recall@10"] >= trained["head/recall@1"]
+
+
+def test_personalization(evaluator, setup):
+  untrained, trained = _both(evaluator, setup, "personalization")
+  # History-conditioned likelihood ranks engaged tweets higher: NDCG@10 ~0.36 vs ~0.23 (random ~0.28).
+  assert trained["likelihood/ndcg@10"] >= untrained["likelihood/ndcg@10"] + 0.05
+  assert trained["likelihood/ndcg@10"] >= trained["random/ndcg@10"] + 0.03
+
+
+def test_adcopy(evaluator, setup):
+  untrained, trained = _both(evaluator, setup, "adcopy")
+  # References are far more likely under the trained model (~2 vs ~7.5 nats/token).
+  assert trained["reference/nll_per_token"] < untrained["reference/nll_per_token"] - 2.0
+  assert 0 < trained["generation/distinct_1"] <= 1 and trained["generation/mean_tokens"] > 0
+  assert 0 <= trained["safety/flagged_rate"] <= 1
+
+
+@pytest.fixture(scope="module")
+def trained_ctx(evaluator, setup):
+  params, step = common.restore_params(evaluator.experiment, setup.workdir, setup.trained_step)
+  return evaluator.context(params, step)
+
+
+def _manual_loglikelihood(ctx, context, continuation):
+  tok = ctx.tokenizer
+  prefix = [tok.bos_id] + tok.encode(context)
+  seq = np.array(prefix + tok.encode(continuation) + [tok.eos_id], np.int32)
+  logits = np.asarray(jax.jit(ctx.experiment.model.apply)({"params": jax.device_get(ctx.params)}, seq[None, :-1]))
+  logp = np.asarray(jax.nn.log_softmax(logits[0].astype(np.float64), axis=-1))
+  targets = seq[1:]
+  return float(sum(logp[i, targets[i]] for i in range(len(prefix) - 1, len(targets))))
+
+
+def test_scorer_and_zero_shot_match_a_plain_forward_pass(trained_ctx):
+  ctx = trained_ctx
+  pairs = [("fellow fans, the match", "was amazing tonight #derby"), ("", "rain again"), ("ok", "x")]
+  ll, counts = ctx.loglikelihood([c for c, _ in pairs], [t for _, t in pairs])
+  for (context, continuation), got in zip(pairs, ll):
+    assert got == pytest.approx(_manual_loglikelihood(ctx, context, continuation), rel=1e-4, abs=1e-4)
+  assert counts[1] == len(ctx.tokenizer.encode("rain again")) + 1
+  text = "shut up loser"
+  scores = flagging.zero_shot_scores(ctx, [text, "nice pizza"], ["toxicity"])
+  pos, neg = flagging.LABEL_PROMPTS["toxicity"]
+  expected = (_manual_loglikelihood(ctx, "", pos.format(text=text))
+              - _manual_loglikelihood(ctx, "", neg.format(text=text)))
+  assert scores.shape == (2, 1) and scores[0, 0] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
+def test_sharded_exact_search_equals_brute_force(evaluator):
+  rng = np.random.default_rng(0)
+  index, queries = rng.normal(size=(37, 8)), rng.normal(size=(5, 8))  # 37 rows: padded over 4 batch shards
+  relevant = np.array([3, 36, 0, 17, 20])
+  scores, ids, ranks = exact_search(queries, index, relevant, 10, evaluator.experiment.mesh)
+  brute = queries @ index.T
+  np.testing.assert_array_equal(ids, np.argsort(-brute, axis=1)[:, :10])
+  np.testing.assert_allclose(scores, -np.sort(-brute, axis=1)[:, :10], rtol=1e-5)
+  np.testing.assert_array_equal(ranks, metrics_lib.rank_of_relevant(brute, relevant))
+
+
+def test_follow_picks_up_new_checkpoints_and_skips_done_ones(evaluator, setup, tmp_path):
+  workdir = str(tmp_path / "run")
+  source = os.path.join(setup.workdir, "checkpoints")
+  os.makedirs(os.path.join(workdir, "checkpoints"))
+  shutil.copytree(os.path.join(source, "0"), os.path.join(workdir, "checkpoints", "0"))
+  # Step 0 was evaluated by an earlier (restarted) follower: its result file is the memory.
+  done = common.write_results(workdir, "perplexity", 0, {"loss": 123.0}, tensorboard=False)
+  follower = runner.Evaluator(setup.config, workdir, experiment=evaluator.experiment)
+  follower.cache = evaluator.cache  # reuse compiled functions
+  polled = threading.Event()
+
+  def sleep(_):
+    polled.set()
+    threading.Event().wait(0.05)
+
+  result = {}
+  thread = threading.Thread(target=lambda: result.update(steps=runner.follow(
+      follower, "perplexity", poll_s=0.05, idle_timeout_s=120, last_step=setup.trained_step, sleep=sleep)))
+  thread.start()
+  assert polled.wait(60)  # the follower looked, found nothing new, and is waiting
+  # A trainer finishing a save: written aside, renamed into place.
+  shutil.copytree(os.path.join(source, str(setup.trained_step)), os.path.join(workdir, "tmp_save"))
+  os.rename(os.path.join(workdir, "tmp_save"), os.path.join(workdir, "checkpoints", str(setup.trained_step)))
+  thread.join(300)
+  assert not thread.is_alive()
+  assert result["steps"] == [setup.trained_step]
+  assert json.load(open(done))["metrics"] == {"loss": 123.0}  # not recomputed
+  assert common.done_steps(workdir, "perplexity") == {0, setup.trained_step}
+  # A restarted follower has nothing left to do.
+  assert runner.follow(follower, "perplexity", poll_s=0, last_step=setup.trained_step) == []
