@@ -20,6 +20,7 @@ GOLDEN = [
     # edges of the fast paths: URL case (and U+017F, which re.IGNORECASE folds to s), mention boundaries, Unicode
     # digits, whitespace that only appears after unescaping, numbers that are not phones
     ("HTTPS://Example.com/x, WwW.x.org and http\u017f://y.io", "<url> <url> and <url>"),
+    ('www.x/http://y,HTTP://Www.z "http://q"<WWW.r>https:// www.', '<url> "<url>"<<url>>https:// www.'),
     ("@a x.@b c@d @@e (@f) @abcdefghijklmnopq", "@user x.@b c@d @@e (@user) @abcdefghijklmnopq"),
     ("call \u0665\u0665\u0665-\u0661\u0662\u0663-\u0664\u0665\u0666\u0667 or \uff15\uff15\uff15\uff11\uff12\uff13\uff14\uff15\uff16\uff17",
      "call <phone> or <phone>"),

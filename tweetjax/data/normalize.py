@@ -1,4 +1,4 @@
-"""Tweet text normalization, applied at build time and again (idempotently) by the loader.
+"""Tweet text normalization, applied at build time; the loader applies it again only where its options differ.
 
 Steps, in order, each switchable through `NormalizeConfig` (== `config.data.normalize`):
   1. control characters (C0 except tab/newline, DEL) removed; always on.
@@ -8,14 +8,17 @@ Steps, in order, each switchable through `NormalizeConfig` (== `config.data.norm
   5. `scrub_pii` (default on): e-mail addresses -> `<email>`, phone numbers -> `<phone>`.
   6. `mentions`: "token" replaces `@handle` with `@user`, "keep" leaves it.
   7. `collapse_whitespace`: runs of whitespace (newlines included) -> one space, ends stripped.
-Emoji and hashtags are always kept. The output is a fixed point: normalizing twice equals normalizing once.
+Emoji and hashtags are always kept. Normalizing twice nearly always equals normalizing once; known exceptions:
+double-escaped entities (`&amp;lt;` -> `&lt;` -> `<`), a phone number glued to the end of another (its start is a
+word character until the first becomes `<phone>`), a mention followed by a combining mark (NFC then composes it with
+the `r` of `@user`). So the loader does not re-normalize text that the build normalized with the same options.
 
 Speed (the loader and the builder normalize every tweet): `normalize_batch` runs each step once over the batch joined
 by NUL (removed from texts in step 1) instead of once per tweet, since the per-call overhead of `re` dominates on
 100-character strings; every pattern starts with a literal or a small character set, so `re` jumps to candidate
 positions instead of trying each one; and pure-ASCII tweets (most of them) are joined apart from the others, so
-their string is 1 byte per character and skips NFC and the Unicode whitespace scan, with the same patterns compiled
-with re.ASCII (on ASCII text \d \w \s mean the same; `[\s\x1c-\x1f]` spells out the one difference).
+their string is 1 byte per character, skips NFC and the Unicode whitespace scan, and is matched by ASCII versions of
+the patterns (re.ASCII, `0-9` for `\d`, URL prefixes as literals on a lower-cased copy), which mean the same there.
 """
 
 import dataclasses
@@ -70,23 +73,50 @@ _ASCII_CONTROL = bytes([*range(1, 9), 0x0b, 0x0c, *range(0x0e, 0x20), 0x7f])  # 
 _ASCII_OTHER_SPACE = "".join(c for c in map(chr, range(128)) if c.isspace() and c != " ")
 
 
+_URL_CHARS = r"[^\s\x1c-\x1f\x00<>\"]+"  # up to whitespace, NUL, <, > or "; \x1c-\x1f: \s without re.ASCII
+# DIGIT: `\d`, or `0-9` for ASCII text, where it means the same and a bitmap test replaces a Unicode lookup
+_PHONE = (r"[+(DIGIT](?:(?<=\+)(?<![\w+-].)[DIGIT]{1,3}(?:[ .-]?\(?[DIGIT]{1,4}\)?){2,5}(?!\w)"  # +44 20 7946 0958
+          r"|(?<=\()(?<![\w+-].)[DIGIT]{3}\) ?[DIGIT]{3}[ .-][DIGIT]{4}(?!\w)"  # (555) 123-4567
+          r"|(?<=[DIGIT])(?<![\w+-].)(?:[DIGIT]{2}[ .-][DIGIT]{3}[ .-][DIGIT]{4}(?!\w)"  # 555-123-4567
+          r"|[DIGIT]{9}(?![\w-])))")  # 5551234567
+
+
 class _Patterns:
-  """The regexes of steps 4-7. Each starts with a literal or a character set; lookbehinds come after the first
-  character (`x(?<![\w+-].)` == `(?<![\w+-])x`), so `re` can skip ahead to candidate positions."""
+  """The regexes of steps 4-7, for any text or (ascii_only) for pure-ASCII text. Each starts with a literal or a
+  character set, lookbehinds after the first character (`x(?<![\w+-].)` == `(?<![\w+-])x`), so that `re` skips
+  ahead to candidate positions instead of trying every position of the batch."""
 
-  def __init__(self, flags: int):
-    c = lambda p: re.compile(p, flags)
-    # `[hHwW]` then the rest of `(?i)https?://|www\.`; the lookbehind re-reads the first character
-    self.url = c(r"[hHwW](?i:(?<=h)ttps?://|(?<=w)ww\.)[^\s\x1c-\x1f\x00<>\"]+")
-    self.email_domain = c(r"@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}(?![\w-])")  # local part found by _scrub_emails
-    self.phone = c(
-        r"[+(\d](?:(?<=\+)(?<![\w+-].)\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?!\w)"  # international: +44 20 7946 0958
-        r"|(?<=\()(?<![\w+-].)\d{3}\) ?\d{3}[ .-]\d{4}(?!\w)"  # (555) 123-4567
-        r"|(?<=\d)(?<![\w+-].)(?:\d{2}[ .-]\d{3}[ .-]\d{4}(?!\w)|\d{9}(?![\w-])))")  # 555-123-4567, 5551234567
-    self.mention = c(r"@(?<![\w@.].)\w{1,15}(?!\w)")
+  def __init__(self, ascii_only: bool):
+    flags = re.ASCII if ascii_only else 0
+    self.ascii_only = ascii_only
+    # URLs: `(?i)(?:https?://|www\.)` + _URL_CHARS. ASCII text is matched lower-cased, where both prefixes are
+    # literals; otherwise the first character is a set and the lookbehind re-reads it case-insensitively.
+    if ascii_only:
+      self.http = re.compile(r"https?://" + _URL_CHARS, flags)
+      self.www = re.compile(r"www\." + _URL_CHARS, flags)
+    else:
+      self.url = re.compile(r"[hHwW](?i:(?<=h)ttps?://|(?<=w)ww\.)" + _URL_CHARS, flags)
+    self.email_domain = re.compile(r"@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}(?![\w-])", flags)  # see _scrub_emails
+    self.phone = re.compile(_PHONE.replace("DIGIT", "0-9" if ascii_only else r"\d"), flags)
+    self.mention = re.compile(r"@(?<![\w@.].)\w{1,15}(?!\w)", flags)
+
+  def sub_urls(self, s: str, repl: str) -> str:
+    if not self.ascii_only:
+      return self.url.sub(repl, s)
+    low = s.lower()  # ASCII: same length, same positions
+    spans = sorted([m.span() for m in self.http.finditer(low)] + [m.span() for m in self.www.finditer(low)])
+    # a match runs to the end of its run of URL characters, so a match starting inside an earlier one is no match
+    # of the combined pattern, and nothing after it is hidden
+    out, last = [], 0
+    for start, end in spans:
+      if start >= last:
+        out += (s[last:start], repl)
+        last = end
+    out.append(s[last:])
+    return "".join(out)
 
 
-_UNICODE, _ASCII = _Patterns(0), _Patterns(re.ASCII)
+_UNICODE, _ASCII = _Patterns(ascii_only=False), _Patterns(ascii_only=True)
 _OTHER_SPACE = re.compile(r"[^\S ]")  # whitespace other than " " (single spaces need no rewrite)
 _SPACE_RUN = re.compile(r"   *")  # two or more spaces; starts with the literal "  "
 
@@ -121,7 +151,7 @@ def _normalize_joined(texts: Sequence[str], config: NormalizeConfig) -> list[str
   if config.nfc and not ascii_only:
     s = unicodedata.normalize("NFC", s)
   if config.urls != "keep":
-    s = p.url.sub(URL_TOKEN if config.urls == "token" else "", s)
+    s = p.sub_urls(s, URL_TOKEN if config.urls == "token" else "")
   if config.scrub_pii:
     if "@" in s:
       s = _scrub_emails(s, p.email_domain)
