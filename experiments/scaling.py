@@ -4,7 +4,8 @@
   python tools/sweep.py --config=experiments/scaling.py --workdir=/tmp/scaling --report --flop_budget=1e18
 
 Each point trains its own cosine schedule to its own token count (a fit needs final losses of complete schedules,
-not intermediate points of one long run). Config args (`experiments/scaling.py:<arg>`):
+not intermediate points of one long run). No batch is seen twice, so the training loss of the last steps (logged
+before each update) is a held-out loss: the report fits `ce_loss` averaged over the last 10% of steps. Config args (`experiments/scaling.py:<arg>`):
   size=K               get_config() trains SIZES[K] (default 2)
   sizes=(0,1,2,3,4)    which SIZES the sweep covers
   steps=(100,200,400)  the step counts the sweep covers (tokens = steps x 16 x 64)
@@ -45,8 +46,6 @@ def get_config(arg=None):
   config.optimizer.warmup_steps = 20
   config.train.steps = 200
   config.train.log_every = 5
-  config.train.eval_every = 50  # held-out loss (4 batches of the seed + 1 stream): what the law is fitted to
-  config.train.eval_steps = 4
   config.checkpoint.every_steps = 100  # a killed sweep resumes its points from at most 100 steps back
   config.lock()
   return config

@@ -35,7 +35,7 @@ _DEVICES_PER_POINT = flags.DEFINE_integer("devices_per_point", 0,
 _RETRY_FAILED = flags.DEFINE_bool("retry_failed", True, "Rerun points that failed in an earlier invocation.")
 _POINT_TIMEOUT = flags.DEFINE_float("point_timeout_s", 0.0, "Kill and fail a point after this long (0: never).")
 _METRIC = flags.DEFINE_string("metric", "loss", "metrics.jsonl field tabulated and plotted.")
-_FIT_METRIC = flags.DEFINE_list("fit_metric", ["eval_loss", "ce_loss", "loss"],
+_FIT_METRIC = flags.DEFINE_list("fit_metric", ["ce_loss", "loss"],
                                 "Field fitted by the scaling law (the first one the points log).")
 _FIT_TAIL = flags.DEFINE_float("fit_tail", 0.1, "The fitted loss is the mean over this last fraction of steps.")
 _FLOP_BUDGET = flags.DEFINE_multi_float("flop_budget", [], "FLOP budgets for the compute-optimal N and D.")

@@ -43,6 +43,9 @@ class ScalingLaw:
 
   def compute_optimal(self, flops: float) -> tuple[float, float]:
     """(N_opt, D_opt) minimising L under 6 N D = flops (closed form)."""
+    if not (self.alpha > 0 and self.beta > 0):
+      raise ValueError(f"no compute-optimal allocation: it needs alpha > 0 and beta > 0, the fit has "
+                       f"alpha={self.alpha:.4g}, beta={self.beta:.4g}")
     a, b = self.beta / (self.alpha + self.beta), self.alpha / (self.alpha + self.beta)
     G = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
     return G * (flops / 6.0) ** a, (flops / 6.0) ** b / G

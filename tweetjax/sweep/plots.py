@@ -43,9 +43,10 @@ def loss_curves(results: Sequence[PointResult], metric: str, path: str) -> str:
 
 
 def final_vs_key(results: Sequence[PointResult], metric: str, group: Sequence[str], path: str) -> str | None:
-  """Final metric vs one swept key (and the keys zipped with it); one line per combination of the other keys."""
+  """Final metric of the finished points vs one swept key (and the keys zipped with it); one line per combination
+  of the other keys."""
   key = group[0]
-  points = [r for r in results if key in r.point.overrides and r.final(metric) is not None]
+  points = [r for r in results if key in r.point.overrides and r.status == "done" and r.final(metric) is not None]
   values = [r.point.overrides[key] for r in points]
   if not points:
     return None
@@ -77,7 +78,7 @@ def final_vs_key(results: Sequence[PointResult], metric: str, group: Sequence[st
 
 
 def loss_vs_compute(results: Sequence[PointResult], metric: str, path: str) -> str | None:
-  points = [r for r in results if r.flops and r.final(metric) is not None]
+  points = [r for r in results if r.flops and r.status == "done" and r.final(metric) is not None]
   if not points:
     return None
   fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -198,14 +198,18 @@ class Fit:
     return scaling.residuals(self.law, self.N, self.D, self.L)
 
   def summary(self, flop_budgets: Sequence[float]) -> dict[str, Any]:
-    optimal = []
+    optimal, problem = [], ""
     for budget in flop_budgets:
-      n_opt, d_opt = self.law.compute_optimal(budget)
+      try:
+        n_opt, d_opt = self.law.compute_optimal(budget)
+      except ValueError as e:
+        problem = str(e)
+        break
       optimal.append({"flops": budget, "N": n_opt, "D": d_opt, "tokens_per_param": d_opt / n_opt,
                       "loss": float(self.law.loss(n_opt, d_opt))})
     res = self.residuals
     return {"law": self.law.to_dict(), "metric": self.metric, "N": "non-embedding parameters",
-            "D": "training tokens", "compute_optimal": optimal,
+            "D": "training tokens", "compute_optimal": optimal, "compute_optimal_problem": problem,
             "residual_rms": float(np.sqrt(np.mean(res ** 2))), "residual_max_abs": float(np.max(np.abs(res))),
             "points": [{"point": n, "N": int(N), "D": int(D), "loss": float(L),
                         "predicted": float(self.law.loss(N, D)), "log_residual": float(r)}
@@ -234,6 +238,7 @@ def fit_markdown(summary: dict[str, Any]) -> str:
            f"alpha = {law['alpha']:.4f}, beta = {law['beta']:.4f}, E = {law['E']:.4f}; log-space residuals: "
            f"rms {summary['residual_rms']:.4f}, max |r| {summary['residual_max_abs']:.4f}",
            "", "Compute-optimal allocation (C = 6 N D):", "",
+           summary["compute_optimal_problem"] or
            markdown(["FLOP budget", "N_opt", "D_opt", "D/N", "predicted loss"],
                     [[o["flops"], o["N"], o["D"], o["tokens_per_param"], o["loss"]]
                      for o in summary["compute_optimal"]]),
@@ -245,7 +250,7 @@ def fit_markdown(summary: dict[str, Any]) -> str:
 
 
 def write_report(points: Sequence[runner.Point], out_dir: str, *, metric: str = "loss",
-                 fit_metrics: Sequence[str] = ("eval_loss", "ce_loss", "loss"), fit_tail: float = 0.1,
+                 fit_metrics: Sequence[str] = ("ce_loss", "loss"), fit_tail: float = 0.1,
                  flop_budgets: Sequence[float] = ()) -> str:
   """Writes results.{md,csv}, scaling_fit.json (when a law can be fitted) and the plots; returns the markdown."""
   results = collect(points)
