@@ -1,7 +1,8 @@
 """Sparse mixture-of-experts MLP with expert parallelism.
 
 Dims: B batch, L length, D d_model, E experts, F expert mlp hidden, K experts per token, T tokens of one device's
-group (b * l), C capacity (slots per expert per group), X expert-parallel shards (mesh axes of "experts").
+capacity group (its share of the B * L tokens), C capacity (slots per expert per group), X expert-parallel shards
+(mesh axes of "experts"), S = X * C rows one device's experts process.
 
 Routing runs under plain jit on the global arrays (fp32 router logits, top-K, gates renormalised over the K choices,
 Switch/GShard load-balancing loss, router z-loss), so routing and its losses are the same whatever the mesh. Dispatch,
@@ -34,7 +35,6 @@ from tweetjax.parallel.mesh import MeshError
 from tweetjax.parallel.rules import DEFAULT_RULES, mesh_axes_of
 
 MOE_STATS = "moe_stats"
-TOKEN_AXES = ("act_batch", "act_length")
 
 
 def expert_kernel_init(in_axis: int, out_axis: int):

@@ -1,4 +1,4 @@
-"""Decoder-only transformer: embed -> N x (attention, SwiGLU MLP) -> final norm -> LM head.
+"""Decoder-only transformer: embed -> N x (attention, SwiGLU MLP or mixture of experts) -> final norm -> LM head.
 
 Dims: B batch, L length, D d_model, V vocab.
 Layers are stacked with nn.scan (one compiled layer body, params with a leading "layers" axis) and wrapped in
