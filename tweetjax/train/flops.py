@@ -63,12 +63,10 @@ def flops_per_token(model_config: ModelConfig, seq_len: int) -> FlopsPerToken:
   D, H, K, Dh, F, V = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim, c.vocab_size
   attention_params = D * H * Dh + 2 * D * K * Dh + H * Dh * D
   dense_mlp_params = 3 * D * F
-  num_experts = int(getattr(c, "num_experts", 0) or 0)
   per_layer = []
   for layer in range(c.num_layers):
-    if num_experts and (layer + 1) % int(getattr(c, "moe_every", 1)) == 0:
-      expert_dim = int(getattr(c, "expert_mlp_dim", 0) or F)
-      mlp = int(c.experts_per_token) * 3 * D * expert_dim + D * num_experts  # active experts + router
+    if c.is_moe_layer(layer):  # only the experts_per_token active experts count, plus the router
+      mlp = c.experts_per_token * 3 * D * c.moe_mlp_dim + D * c.num_experts
     else:
       mlp = dense_mlp_params
     per_layer.append(attention_params + mlp)
