@@ -13,6 +13,7 @@ import ml_collections
 from tweetjax.data.normalize import NormalizeConfig
 from tweetjax.model.config import ModelConfig
 from tweetjax.parallel.rules import DEFAULT_RULES
+from tweetjax.perf.env import DEFAULT_XLA_FLAGS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -94,4 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.follow_poll_s = 30.0  # --follow: seconds between looks for new checkpoints
   config.eval.follow_idle_timeout_s = 0.0  # --follow: exit after this long without a new checkpoint (0: never)
   # --- end evaluation ---
+
+  # --- Performance (tweetjax/perf/env.py): XLA flags every tool appends to XLA_FLAGS before JAX starts ---
+  # Defaults: GPU latency-hiding scheduler, pipelined and combined collectives (other backends ignore them).
+  # A flag already in the XLA_FLAGS environment variable wins over the same flag here.
+  config.xla_flags = list(DEFAULT_XLA_FLAGS)
+  # --- end performance ---
   return config
