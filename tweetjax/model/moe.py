@@ -134,9 +134,9 @@ def _local_moe(x_TxD, expert_ids_TxK, gates_TxK, valid_T, gate_ExDxF, up_ExDxF, 
   home_XxElxCxD = lax.all_to_all(back_XxElxCxD, a2a_axes, 0, 0, tiled=True) if X > 1 else back_XxElxCxD
 
   out_KTxD = home_XxElxCxD.reshape(E * C, d).at[slot_KT].get(mode="fill", fill_value=0)
-  weights_KT = jnp.where(kept_KT, gates_KT, 0.0).astype(out_KTxD.dtype)
-  y_TxD = jnp.sum((out_KTxD * weights_KT[:, None]).reshape(k, T, d), axis=0)
-  return y_TxD, kept_KT.reshape(k, T).T
+  weights_KT = jnp.where(kept_KT, gates_KT, 0.0).astype(jnp.float32)  # combine in fp32, whatever the compute dtype
+  y_TxD = jnp.sum((out_KTxD.astype(jnp.float32) * weights_KT[:, None]).reshape(k, T, d), axis=0)
+  return y_TxD.astype(x_TxD.dtype), kept_KT.reshape(k, T).T
 
 
 def _spec(*axes_per_dim: tuple[str, ...]) -> P:
