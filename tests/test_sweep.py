@@ -120,6 +120,16 @@ def test_read_metrics_merges_rows_of_a_step_and_skips_a_torn_row(tmp_path):
   assert runner.read_metrics(str(path)) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.4, "eval_loss": 2.6}]
 
 
+def test_report_groups_keys_that_move_together():
+  points = spec.product(spec.zip_({"model.d_model": [32, 64, 128], "model.num_layers": [1, 2, 2]}),
+                        spec.zip_({"train.steps": [100, 200], "optimizer.warmup_steps": [10, 20]}),
+                        {"optimizer.learning_rate": [1e-3, 3e-3]}, {"seed": [0]})
+  results = [report.PointResult(runner.Point(name, overrides, "", None), "done", [])
+             for name, overrides in spec.name_points(points)]
+  assert report.swept_groups(results) == [["model.d_model", "model.num_layers"],
+                                          ["train.steps", "optimizer.warmup_steps"], ["optimizer.learning_rate"]]
+
+
 def test_emitted_scripts_have_one_line_per_point_and_parse(tmp_path):
   config = os.path.join(REPO, "experiments", "tiny.py")
   points = runner.plan(config, str(tmp_path))

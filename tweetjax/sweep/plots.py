@@ -50,7 +50,7 @@ def final_vs_key(results: Sequence[PointResult], metric: str, group: Sequence[st
   values = [r.point.overrides[key] for r in points]
   if not points:
     return None
-  others = [k for g in swept_groups(results) if g[0] != key for k in g[:1]]
+  others = [g[0] for g in swept_groups(points) if key not in g]
   groups: dict[str, list[PointResult]] = {}
   for r in points:
     label = ", ".join(f"{spec._short_keys(others)[k]}={spec.format_value(r.point.overrides[k])}"  # pylint: disable=protected-access
@@ -128,7 +128,7 @@ def scaling_fit(fit: Fit, path: str) -> str:
 def draw_all(results: Sequence[PointResult], metric: str, fit: Fit | None, out_dir: str) -> list[str]:
   os.makedirs(out_dir, exist_ok=True)
   paths = [loss_curves(results, metric, os.path.join(out_dir, "loss_curves.png"))]
-  for group in swept_groups(results):
+  for group in swept_groups([r for r in results if r.status == "done"]):
     safe = spec._UNSAFE.sub("-", group[0])  # pylint: disable=protected-access
     paths.append(final_vs_key(results, metric, group, os.path.join(out_dir, f"final_{metric}_vs_{safe}.png")))
   paths.append(loss_vs_compute(results, metric, os.path.join(out_dir, "loss_vs_compute.png")))

@@ -117,18 +117,19 @@ def swept_keys(results: Sequence[PointResult]) -> list[str]:
 
 
 def swept_groups(results: Sequence[PointResult]) -> list[list[str]]:
-  """Swept keys grouped by keys that move together (zipped: each determines the other), first key first."""
-  keys = swept_keys(results)
-  columns = {key: [spec.format_value(r.point.overrides.get(key)) for r in results] for key in keys}
+  """The keys that vary over `results`, grouped: a key joins the group of an earlier key that determines it (zipped
+  keys, or a depth that follows the width), so one plot covers them. Constant keys are left out."""
+  columns = {key: [spec.format_value(r.point.overrides.get(key)) for r in results] for key in swept_keys(results)}
+  columns = {key: column for key, column in columns.items() if len(set(column)) > 1}
 
   def determines(a, b):
     mapping = {}
     return all(mapping.setdefault(x, y) == y for x, y in zip(columns[a], columns[b]))
 
   groups: list[list[str]] = []
-  for key in keys:
+  for key in columns:
     for group in groups:
-      if determines(group[0], key) and determines(key, group[0]):
+      if determines(group[0], key):
         group.append(key)
         break
     else:
