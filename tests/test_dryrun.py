@@ -1,0 +1,105 @@
+"""tools/dryrun.py on a 16-device fake mesh (subprocess): exact param bytes per device, FLOPs vs flops.py, and no
+gather of the full-vocab logits in the tensor-parallel step; plus the HLO reader on hand-written HLO."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, load_config
+from tweetjax.model.config import ModelConfig
+from tweetjax.perf import hlo
+from tweetjax.train import flops as flops_lib
+
+# tiny on data=2, fsdp=4, tensor=2: params [.., D=64 over fsdp, heads/mlp/vocab over tensor].
+_MESH = {"data": 2, "fsdp": 4, "expert": 1, "tensor": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_dryrun(tmp_path_factory):
+  out = tmp_path_factory.mktemp("dryrun") / "tiny.json"
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  cmd = [sys.executable, os.path.join(REPO, "tools", "dryrun.py"), "--config=experiments/tiny.py",
+         "--mesh=" + ",".join(f"{k}={v}" for k, v in _MESH.items()), "--device_memory_gib=1",
+         f"--json_out={out}"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "estimate for a GPU" in proc.stdout
+  return json.loads(out.read_text())
+
+
+def _expected_param_bytes_per_device() -> int:
+  c = ModelConfig.from_config(load_config("tiny").model)
+  D, H, K, Dh, F, V, N = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim, c.vocab_size, c.num_layers
+  fsdp, tensor = _MESH["fsdp"], _MESH["tensor"]
+  sharded_both = N * (D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F) + V * D + D * V  # embed x (heads|mlp|vocab)
+  norms = 2 * N * D + D  # replicated
+  return 4 * (sharded_both // (fsdp * tensor) + norms)
+
+
+def test_param_bytes_per_device_are_exact(tiny_dryrun):
+  expected = _expected_param_bytes_per_device()
+  assert tiny_dryrun["analytic"]["params"] == expected
+  assert tiny_dryrun["param_bytes_hlo"] == expected  # what the compiled program's entry parameters hold
+  # AdamW: two moments per param (same shards) plus replicated counters.
+  assert 2 * expected <= tiny_dryrun["analytic"]["optimizer"] <= 2 * expected + 64
+
+
+def test_flops_match_the_model_count(tiny_dryrun):
+  config = load_config("tiny")
+  f = flops_lib.flops_per_token(ModelConfig.from_config(config.model), config.data.seq_len)
+  tokens_per_device = config.data.global_batch_size * config.data.seq_len / 16
+  # The 'xla' attention runs the dense L x L product, so the like-for-like count is the dense one.
+  assert tiny_dryrun["hlo_dot_flops"] == pytest.approx(f.train_dense_attention * tokens_per_device, rel=0.10)
+  assert tiny_dryrun["model_flops"] == pytest.approx(f.train * tokens_per_device)
+
+
+def test_memory_report_and_no_full_logits_gather(tiny_dryrun):
+  xla = tiny_dryrun["xla_memory"]
+  assert xla["argument"] > tiny_dryrun["param_bytes_hlo"] and xla["temp"] > 0
+  assert tiny_dryrun["fits"] is True
+  assert tiny_dryrun["collectives"]["all-reduce"]["ops"] > 0  # the tensor-parallel partial sums
+  # Vocab-parallel cross-entropy: no all-gather may produce the [b, L, V] logits of a batch shard.
+  config = load_config("tiny")
+  rows, L, V = config.data.global_batch_size // 8, config.data.seq_len, config.model.vocab_size
+  largest = tiny_dryrun["collectives"]["all-gather"]["largest"]
+  assert largest and hlo.parse_shapes(largest)[0].size < rows * L * V
+
+
+_HLO = """HloModule m
+
+%body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p = (s32[], f32[8,16]) parameter(0)
+  %x = f32[8,16]{1,0} get-tuple-element(%p), index=1
+  %w = f32[16,16]{1,0} constant({...})
+  %d = f32[8,16]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %ag = f32[8,64]{1,0} all-gather(%d), channel_id=1, replica_groups=[2,4]<=[8], dimensions={1}
+  %rs = f32[8,4]{1,0} reduce-scatter(%ag), channel_id=2, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={1}
+  ROOT %t = (s32[], f32[8,16]) tuple(%p, %d)
+}
+
+%cond (p: (s32[], f32[8,16])) -> pred[] {
+  %p = (s32[], f32[8,16]) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[8,16]) -> f32[8,16] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %ar = f32[8,16]{1,0} all-reduce(%a), channel_id=3, replica_groups=mesh['x'=2,'y'=4] {'y'}, to_apply=%body
+  %w = (s32[], f32[8,16]) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %r = f32[8,16]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_hlo_reader_weights_loop_bodies_by_trip_count():
+  module = hlo.parse_module(_HLO)
+  assert module.multiplicity["body"] == 5 and module.multiplicity["main"] == 1
+  assert hlo.dot_flops(module) == 5 * 2 * 8 * 16 * 16
+  stats = hlo.collective_stats(module)
+  assert stats["all-gather"].executions == 5 and stats["all-gather"].payload_bytes == 5 * 8 * 64 * 4
+  assert stats["all-gather"].wire_bytes == 5 * 8 * 64 * 4 * 3 / 4  # groups of 4
+  assert stats["reduce-scatter"].payload_bytes == 5 * 8 * 4 * 4 * 4  # input = output x group size
+  assert stats["all-reduce"].executions == 1 and stats["all-reduce"].wire_bytes == 2 * 8 * 16 * 4 * 3 / 4

@@ -1,0 +1,106 @@
+"""Analytic per-device memory of a train step, next to which the dry-run prints XLA's buffer assignment.
+
+State (params, optimizer state, gradients) is exact: every leaf's shard shape under its NamedSharding. Activations
+are a model, per device and per microbatch, with b rows per batch shard, L tokens, t = size of the mesh axes the
+heads / mlp / vocab are split on, a = bytes of the compute dtype:
+
+  saved per layer for the backward pass (what remat keeps):
+    full            x                                   b L D a (the layer input; everything else recomputed)
+    dots_no_batch   x + q, k, v + projections + gate/up b L (3 D + (H + 2K) Dh / t + 2 F / t) a
+    dots            ... + attention weights             + b (H / t) L L a
+    none            ... + fp32 norms, softmax, SwiGLU   + 2 b L D 4 + b (H / t) L L 4 + 2 b L F / t a
+  transient (one layer's forward + backward):           3 b (H / t) L L 4 + 4 b L F / t 4 + 6 b L D 4
+  logits and loss:                                      b L (V / t) (a + 4 + 4)  (logits, fp32 softmax, gradient)
+
+Attention scores are counted as materialised (the 'xla' attention on CPU and what a non-fused kernel does); with
+cuDNN flash attention on GPU the L x L terms mostly vanish. A MoE layer's MLP uses k * capacity_factor * expert
+width in place of F.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from tweetjax.parallel.rules import axis_size, mesh_axes_of
+
+
+def shard_bytes(abstract_tree: Any) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs that carry shardings (the largest shard)."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+  params: int
+  optimizer: int
+  gradients: int  # gradients (param dtype) + the fp32 accumulator when microbatching
+  activations_saved: int
+  activations_transient: int
+  logits: int
+  attention_scores: int  # the L x L part of activations_saved + activations_transient (gone with flash attention)
+
+  @property
+  def total_flash_attention(self) -> int:
+    """The GPU estimate with cuDNN flash attention: no materialised L x L scores."""
+    return self.total - self.attention_scores
+
+  @property
+  def state(self) -> int:
+    return self.params + self.optimizer
+
+  @property
+  def total(self) -> int:
+    return (self.params + self.optimizer + self.gradients + self.activations_saved + self.activations_transient
+            + self.logits)
+
+  def as_dict(self) -> dict[str, int]:
+    d = dataclasses.asdict(self)
+    d["total"] = self.total
+    d["total_flash_attention"] = self.total_flash_attention
+    return d
+
+
+def estimate(experiment, global_batch: int, microbatches: int) -> MemoryEstimate:
+  cfg = experiment.model_config
+  mesh, rules, layout = experiment.mesh, experiment.rules, experiment.layout
+  params = shard_bytes(layout.abstract_state.params)
+  optimizer = shard_bytes(layout.abstract_state.opt_state)
+  param_elems = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(layout.abstract_state.params))
+  gradients = params + (4 * param_elems if microbatches > 1 else 0)
+
+  batch_shards = axis_size(mesh, mesh_axes_of("act_batch", rules))
+  b = max(global_batch // microbatches // batch_shards, 1)
+  L, D, H, K, Dh, V = experiment.seq_len, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+  t_heads = axis_size(mesh, mesh_axes_of("act_heads", rules))
+  t_mlp = axis_size(mesh, mesh_axes_of("act_mlp", rules))
+  t_vocab = axis_size(mesh, mesh_axes_of("act_vocab", rules))
+  a = np.dtype(cfg.dtype).itemsize
+  saved, transient, saved_scores, transient_scores = 0, 0, 0, 0
+  for layer in range(cfg.num_layers):
+    F = cfg.mlp_dim
+    if cfg.is_moe_layer(layer):
+      F = int(cfg.experts_per_token * max(cfg.capacity_factor, 1.0) * cfg.moe_mlp_dim)
+    x = b * L * D * a
+    dots_no_batch = x + b * L * (3 * D + (H + 2 * K) * Dh // t_heads + 2 * F // t_mlp) * a
+    scores = b * (H // t_heads) * L * L
+    per_policy = {
+        "full": x,
+        "dots_no_batch": dots_no_batch,
+        "dots": dots_no_batch + scores * a,
+        "none": dots_no_batch + scores * a + 2 * b * L * D * 4 + scores * 4 + 2 * b * L * F // t_mlp * a,
+    }
+    saved += per_policy[cfg.remat_policy]
+    saved_scores += {"full": 0, "dots_no_batch": 0, "dots": scores * a, "none": scores * (a + 4)}[cfg.remat_policy]
+    transient = max(transient, 3 * scores * 4 + 4 * b * L * F // t_mlp * 4 + 6 * b * L * D * 4)
+    transient_scores = 3 * scores * 4
+  logits = b * L * (V // t_vocab) * (a + 8)
+  return MemoryEstimate(params, optimizer, gradients, saved, transient, logits, saved_scores + transient_scores)
