@@ -7,7 +7,6 @@
   python tools/sweep.py --config=experiments/scaling.py --workdir=/tmp/scaling --report --flop_budget=1e18
 """
 
-import json
 import os
 import re
 import shlex
@@ -58,6 +57,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config_path, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   points = runner.plan(config_path, workdir, _DEVICES_PER_POINT.value)
+  everything = {p.name: p.overrides for p in points}
   if _POINT.value is not None:
     points = [p for p in points if p.name == _POINT.value]
     if not points:
@@ -82,14 +82,17 @@ def main(argv):
     print(f"{len(points)} points in {workdir}")
     return
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "sweep.json"), "w") as f:
-    json.dump({"config": config_path, "points": {p.name: p.overrides for p in points}}, f, indent=1)
+  runner.write_json(os.path.join(workdir, "sweep.json"), {"config": config_path, "points": everything})
   gpus = _GPUS.value or (_detect_gpus() if _PLATFORM.value == "gpu" else 0)
   sweep = runner.SweepRunner(config_path, workdir, points, parallel=_PARALLEL.value, platform=_PLATFORM.value,
                              gpus=gpus, assign_gpus=_POINT.value is None, retry_failed=_RETRY_FAILED.value,
                              point_timeout_s=_POINT_TIMEOUT.value)
   start = time.time()
-  summary = sweep.run()
+  try:
+    summary = sweep.run()
+  except runner.Interrupted as e:
+    print(f"[sweep] interrupted ({e}); rerun the same command to resume")
+    sys.exit(130)
   states = [runner.status(p) for p in points]
   print(f"[sweep] {len(summary['started'])} started, {len(summary['done'])} finished, {len(summary['failed'])} "
         f"failed, {len(summary['skipped'])} skipped in {time.time() - start:.0f} s; "

@@ -170,8 +170,9 @@ def _die_with_parent():
     pass
 
 
-def _write_json(path: str, payload: Mapping[str, Any]) -> None:
-  tmp = f"{path}.tmp"
+def write_json(path: str, payload: Mapping[str, Any]) -> None:
+  """Atomic: readers (and concurrent writers of the same content) never see a partial file."""
+  tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "w") as f:
     json.dump(payload, f, indent=1, sort_keys=True)
   os.replace(tmp, path)
@@ -194,8 +195,8 @@ class _Running:
   command: list[str]
 
 
-class _Terminated(Exception):
-  pass
+class Interrupted(Exception):
+  """The runner got SIGINT/SIGTERM; its running points were stopped (they checkpoint on SIGTERM)."""
 
 
 class SweepRunner:
@@ -228,7 +229,7 @@ class SweepRunner:
 
   def _fail(self, point: Point, error: str, **extra) -> None:
     os.makedirs(point.workdir, exist_ok=True)
-    _write_json(os.path.join(point.workdir, FAILED), {"point": point.name, "overrides": point.overrides,
+    write_json(os.path.join(point.workdir, FAILED), {"point": point.name, "overrides": point.overrides,
                                                       "error": error, "invocation": self.invocation, **extra})
     self.summary["failed"][point.name] = error
     self._event("failed", point, error=error[-500:], **{k: v for k, v in extra.items() if k != "command"})
@@ -266,7 +267,7 @@ class SweepRunner:
     if self.assign_gpus:
       gpu_ids, self.free_gpus = self.free_gpus[:point.devices], self.free_gpus[point.devices:]
     command = train_command(self.config_path, point, self.python, self.train_script)
-    _write_json(os.path.join(point.workdir, "overrides.json"), {"point": point.name, "overrides": point.overrides,
+    write_json(os.path.join(point.workdir, "overrides.json"), {"point": point.name, "overrides": point.overrides,
                                                                 "config": self.config_path, "command": command})
     stderr_path = os.path.join(point.workdir, "stderr.log")
     header = f"\n=== {self.invocation} {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n"
@@ -301,7 +302,7 @@ class SweepRunner:
         failed = os.path.join(point.workdir, FAILED)
         if os.path.exists(failed):
           os.remove(failed)
-        _write_json(os.path.join(point.workdir, DONE), {"point": point.name, "overrides": point.overrides,
+        write_json(os.path.join(point.workdir, DONE), {"point": point.name, "overrides": point.overrides,
                                                         "final_step": final_step, "final_metrics": rows[-1],
                                                         "invocation": self.invocation, **extra})
         self.summary["done"].append(point.name)
@@ -315,7 +316,7 @@ class SweepRunner:
     queue, running = self._todo(), []
 
     def on_sigterm(signum, frame):
-      raise _Terminated()
+      raise Interrupted()
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
@@ -344,7 +345,7 @@ class SweepRunner:
           if returncode is not None:
             running.remove(run)
             self._finish(run, returncode, timed_out)
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, Interrupted) as e:
       self.echo(f"[sweep] interrupted: stopping {len(running)} running point(s); rerun to resume")
       for run in running:
         run.process.terminate()
@@ -353,7 +354,8 @@ class SweepRunner:
           run.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
           run.process.kill()
-      raise
+        run.lock_file.close()
+      raise Interrupted(f"stopped {len(running)} running point(s)") from e
     finally:
       signal.signal(signal.SIGTERM, previous)
     return self.summary
