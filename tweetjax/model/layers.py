@@ -51,7 +51,11 @@ class Embed(nn.Module):
                                        (self.cfg.vocab_size, self.cfg.d_model), ("vocab", "embed"), self.cfg)
 
   def __call__(self, ids_BxL: jax.Array) -> jax.Array:
-    x_BxLxD = jnp.take(self.embedding_VxD.astype(self.cfg.compute_dtype), ids_BxL, axis=0)
+    # Gather the table over its `embed` shards first (as FSDP does for every weight) but keep it split over vocab:
+    # the lookup is then a masked local gather plus a reduction over the vocab shards, and its output comes out in
+    # the batch sharding of the ids instead of one that XLA can only reach by rematerialising the whole gather.
+    table_VxD = constrain(self.embedding_VxD.astype(self.cfg.compute_dtype), ("vocab", None))
+    x_BxLxD = jnp.take(table_VxD, ids_BxL, axis=0)
     return constrain(x_BxLxD, ("act_batch", "act_length", "act_embed"))
 
   def attend(self, x_BxLxD: jax.Array) -> jax.Array:
