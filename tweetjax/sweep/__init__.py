@@ -1,9 +1,10 @@
 """Hyper-parameter sweeps: defined next to the config (`sweep()`), run locally or emitted for a cluster, reported.
 
-  from tweetjax import sweep
-  def sweep():  # in experiments/<name>.py
-    return sweep.product({"optimizer.learning_rate": [1e-3, 3e-3]}, sweep.zip_({"model.d_model": [64, 128],
-                                                                               "model.num_layers": [2, 4]}))
+  # in experiments/<name>.py, next to get_config(arg):
+  def sweep():
+    from tweetjax.sweep import product, zip_
+    return product({"optimizer.learning_rate": [1e-3, 3e-3]},
+                   zip_({"model.d_model": [64, 128], "model.num_layers": [2, 4]}))
 
 Modules: `spec` (combinators, point names, overrides), `runner` (local subprocess runs, resume, failures),
 `emit` (SLURM / shell launch scripts), `report` (tables, plots, scaling-law fit). Entry point: tools/sweep.py.
