@@ -5,7 +5,8 @@
 
 Each point trains its own cosine schedule to its own token count (a fit needs final losses of complete schedules,
 not intermediate points of one long run). No batch is seen twice, so the training loss of the last steps (logged
-before each update) is a held-out loss: the report fits `ce_loss` averaged over the last 10% of steps. Config args (`experiments/scaling.py:<arg>`):
+before each update) is a held-out loss: the report fits `ce_loss` averaged over the last 10% of steps.
+Config args (`experiments/scaling.py:<arg>`):
   size=K               get_config() trains SIZES[K] (default 2)
   sizes=(0,1,2,3,4)    which SIZES the sweep covers
   steps=(100,200,400)  the step counts the sweep covers (tokens = steps x 16 x 64)
