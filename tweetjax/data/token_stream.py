@@ -2,7 +2,8 @@
 
 Documents are walks of a sparse random Markov chain (each token has a few likely successors), packed into rows with
 segment ids and per-segment positions, so the loss falls well below log(V) and the segment-aware mask is exercised.
-Batch k depends only on (seed, k): resuming at step k needs nothing but k.
+Batch k depends only on (seed, stream, k): resuming at step k needs nothing but k. The chain itself depends on the
+seed alone, so a validation stream (another `stream`) measures the same distribution on documents never trained on.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ _SUCCESSOR_PROBS = np.array([0.7, 0.15, 0.1, 0.05])
 
 
 def synthetic_batch(seed: int, step: int, batch_size: int, seq_len: int, vocab_size: int,
-                    mean_doc_len: int = 48) -> dict[str, np.ndarray]:
+                    mean_doc_len: int = 48, stream: int = 0) -> dict[str, np.ndarray]:
   """Global batch number `step` as numpy arrays (int32 token fields, float32 weights)."""
   table = np.random.default_rng([seed, 0]).integers(3, vocab_size, size=(vocab_size, _SUCCESSORS))
-  rng = np.random.default_rng([seed, 1, step])
+  rng = np.random.default_rng([seed, 1 + stream, step])
   B, L = batch_size, seq_len
   tokens_BxL1 = np.empty((B, L + 1), np.int64)
   segment_ids_BxL1 = np.empty((B, L + 1), np.int32)
@@ -66,8 +67,10 @@ def to_global_array(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 class TokenStreamIterator:
   """Checkpointable iterator of global batches: its whole state is the next step number."""
 
-  def __init__(self, seed: int, batch_size: int, seq_len: int, vocab_size: int, mesh: Mesh | None):
+  def __init__(self, seed: int, batch_size: int, seq_len: int, vocab_size: int, mesh: Mesh | None,
+               stream: int = 0):
     self.seed, self.batch_size, self.seq_len, self.vocab_size = seed, batch_size, seq_len, vocab_size
+    self.stream = stream
     self.mesh = mesh
     self.step = 0
 
@@ -75,7 +78,8 @@ class TokenStreamIterator:
     return self
 
   def __next__(self) -> dict[str, Any]:
-    batch = synthetic_batch(self.seed, self.step, self.batch_size, self.seq_len, self.vocab_size)
+    batch = synthetic_batch(self.seed, self.step, self.batch_size, self.seq_len, self.vocab_size,
+                            stream=self.stream)
     self.step += 1
     return batch if self.mesh is None else to_global_array(batch, self.mesh)
 

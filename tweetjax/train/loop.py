@@ -27,7 +27,7 @@ from tweetjax.train.preemption import PreemptionWatcher
 from tweetjax.train.profiling import StepProfiler, aot_compile, setup_compilation_cache
 
 NONFINITE_MODES = ("skip", "stop")
-_EVAL_SEED_OFFSET = 1  # synthetic validation stream: config.seed + 1 (disjoint from the training stream)
+_EVAL_STREAM = 1  # synthetic validation: same Markov chain as training, documents drawn from another stream
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -48,8 +48,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, experiment: Experimen
 def make_eval_iterator(config: ml_collections.ConfigDict, experiment: Experiment):
   """A fresh pass over the validation data (the same batches every time)."""
   if config.data.source == "synthetic":
-    return TokenStreamIterator(int(config.seed) + _EVAL_SEED_OFFSET, int(config.data.global_batch_size),
-                               int(config.data.seq_len), int(config.model.vocab_size), experiment.mesh)
+    return TokenStreamIterator(int(config.seed), int(config.data.global_batch_size), int(config.data.seq_len),
+                               int(config.model.vocab_size), experiment.mesh, stream=_EVAL_STREAM)
   from tweetjax.data import pipeline
   return pipeline.make_iterator(config, experiment.mesh, split="validation")
 
