@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tweetjax.evaluate import common, eval_sets, runner
+from tweetjax.perf import env
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
@@ -28,6 +29,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "With --build_eval_sets: repl
 def main(argv):
   del argv
   config = _CONFIG.value
+  env.setup_environment(config)  # XLA flags and multi-process start-up, before JAX touches a device
   if _BUILD.value:
     out_dir = eval_sets.data_dir_of(config)
     counts = eval_sets.build_eval_sets(str(config.data.dataset_dir), out_dir, seed=int(config.seed),

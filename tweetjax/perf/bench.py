@@ -1,0 +1,157 @@
+"""Measurements behind tools/bench.py: matmul peak, train-step throughput and MFU, compile time, a PyTorch peer.
+
+Every function measures in the current process and returns plain dicts (tools/bench.py runs each configuration in
+its own subprocess, because fake device counts and XLA flags are fixed when JAX starts). Times are
+`time.perf_counter` around `block_until_ready`, after warm-up; best and median are reported. On a shared machine
+the median moves with other people's load: read the best.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from tweetjax.train import flops as flops_lib
+
+
+def _stats(seconds: list[float]) -> dict[str, float]:
+  return {"best_s": min(seconds), "median_s": statistics.median(seconds), "runs": len(seconds)}
+
+
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, float]:
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    seconds.append(time.perf_counter() - start)
+  return _stats(seconds)
+
+
+def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> dict[str, float]:
+  """FLOP/s of one large square `jnp.dot` in `dtype` on device 0 (the MFU denominator on a CPU)."""
+  a = jax.device_put(jnp.ones((n, n), dtype) * 0.5, jax.devices()[0])
+  b = jax.device_put(jnp.ones((n, n), dtype) * 0.25, jax.devices()[0])
+  dot = jax.jit(jnp.dot)
+  t = time_calls(lambda: dot(a, b), repeats)
+  flops = 2.0 * n**3
+  return {"dtype": dtype, "n": n, "best_flops": flops / t["best_s"], "median_flops": flops / t["median_s"], **t}
+
+
+def train_step_rate(config: ml_collections.ConfigDict, steps: int = 5) -> dict[str, Any]:
+  """Per-step time of the full jitted train step (forward, backward, optimizer) on synthetic batches."""
+  from tweetjax.train.experiment import build_experiment  # pylint: disable=g-import-not-at-top
+  from tweetjax.train.loop import make_train_iterator  # pylint: disable=g-import-not-at-top
+  experiment = build_experiment(config)
+  state = experiment.init_state()
+  step_fn = experiment.train_step()
+  batches = make_train_iterator(config, experiment)
+  prepared = [next(batches) for _ in range(min(steps, 4) + 1)]  # host->device copies stay out of the timings
+  start = time.perf_counter()
+  state, metrics = step_fn(state, prepared[0])
+  jax.block_until_ready(metrics)
+  compile_and_first_s = time.perf_counter() - start
+  seconds = []
+  for i in range(steps):
+    batch = prepared[1 + i % (len(prepared) - 1)]
+    start = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    seconds.append(time.perf_counter() - start)
+  tokens = int(config.data.global_batch_size) * int(config.data.seq_len)
+  f = flops_lib.flops_per_token(experiment.model_config, int(config.data.seq_len))
+  t = _stats(seconds)
+  device = experiment.mesh.devices.flat[0]
+  return {"platform": device.platform, "device_kind": device.device_kind,
+          "devices": experiment.mesh.size, "mesh": dict(experiment.mesh.shape), "tokens_per_step": tokens,
+          "flops_per_token": f.train, "first_step_s": compile_and_first_s, "loss": float(metrics["loss"]),
+          "best_tokens_per_s": tokens / t["best_s"], "median_tokens_per_s": tokens / t["median_s"],
+          "best_model_flops": f.train * tokens / t["best_s"], **t}
+
+
+def compile_time(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Lower + compile of the train step from abstract inputs, noting whether the persistent cache served it."""
+  from tweetjax.parallel.rules import mesh_context  # pylint: disable=g-import-not-at-top
+  from tweetjax.perf.dryrun import abstract_batch  # pylint: disable=g-import-not-at-top
+  from tweetjax.train.experiment import build_experiment  # pylint: disable=g-import-not-at-top
+  from tweetjax.train.profiling import aot_compile  # pylint: disable=g-import-not-at-top
+  experiment = build_experiment(config)
+  batch = abstract_batch(experiment.mesh, int(config.data.global_batch_size), experiment.seq_len)
+  with mesh_context(experiment.mesh, experiment.rules):
+    _, info = aot_compile(experiment.train_step().jitted, experiment.layout.abstract_state, batch)
+  return {"layers": int(config.model.num_layers), "seconds": info.seconds, "source": info.source,
+          "cache_hits": info.cache_hits}
+
+
+# --- the PyTorch peer: Hugging Face LlamaForCausalLM, eager, AdamW ----------------------------------------------
+
+
+def torch_step_rate(config: ml_collections.ConfigDict, dtype: str, steps: int = 3) -> dict[str, Any]:
+  """The same model shape, batch and loss in eager PyTorch: forward, backward, grad clipping, AdamW.
+
+  bf16 is autocast with fp32 master weights and optimizer state, like our dtype=bfloat16 / param_dtype=float32.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count() or 1)
+  m = config.model
+  llama = transformers.LlamaConfig(
+      vocab_size=int(m.vocab_size), hidden_size=int(m.d_model), intermediate_size=int(m.mlp_dim),
+      num_hidden_layers=int(m.num_layers), num_attention_heads=int(m.num_heads),
+      num_key_value_heads=int(m.num_kv_heads), head_dim=int(m.head_dim), rms_norm_eps=float(m.norm_eps),
+      rope_theta=float(m.rope_theta), tie_word_embeddings=bool(m.tie_embeddings),
+      max_position_embeddings=int(config.data.seq_len), attn_implementation="sdpa")
+  model = transformers.LlamaForCausalLM(llama)
+  model.train()
+  o = config.optimizer
+  optimizer = torch.optim.AdamW(model.parameters(), lr=float(o.learning_rate), betas=(float(o.b1), float(o.b2)),
+                                eps=float(o.eps), weight_decay=float(o.weight_decay))
+  B, L = int(config.data.global_batch_size), int(config.data.seq_len)
+  ids = torch.randint(3, int(m.vocab_size), (B, L))
+  bf16 = dtype == "bfloat16"
+
+  def step():
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), float(o.grad_clip_norm) or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss)
+
+  step()  # warm-up (allocations, oneDNN primitive creation)
+  seconds = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    seconds.append(time.perf_counter() - start)
+  t = _stats(seconds)
+  tokens = B * L
+  return {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+          "tokens_per_step": tokens, "best_tokens_per_s": tokens / t["best_s"],
+          "median_tokens_per_s": tokens / t["median_s"], **t}
+
+
+def torch_matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> dict[str, float]:
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count() or 1)
+  tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+  a, b = torch.ones(n, n, dtype=tdtype), torch.ones(n, n, dtype=tdtype)
+  torch.mm(a, b)
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    torch.mm(a, b)
+    seconds.append(time.perf_counter() - start)
+  t = _stats(seconds)
+  flops = 2.0 * n**3
+  return {"dtype": dtype, "n": n, "best_flops": flops / t["best_s"], "median_flops": flops / t["median_s"], **t}
