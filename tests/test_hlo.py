@@ -36,15 +36,15 @@ def test_bf16_step_has_no_fp32_matmuls_outside_attention_probabilities():
 
 
 def test_tensor_parallel_step_never_gathers_full_logits():
-  """data=2, tensor=4 on the 8 fake devices: the cross-entropy is vocab-parallel, so no all-gather in the compiled
+  """fsdp=2, tensor=4 on the 8 fake devices: the cross-entropy is vocab-parallel, so no all-gather in the compiled
   program yields a [rows, L, V] logits array (nor any array that large)."""
   config = load_config("tiny")
-  config.mesh.update(data=2, fsdp=1, tensor=4)
+  config.mesh.update(data=1, fsdp=2, tensor=4)
   _, lowered = _lowered(config)
   module = hlo.parse_module(lowered.compile().as_text())
   rows, L, V = config.data.global_batch_size // 2, config.data.seq_len, config.model.vocab_size
   gathers = [(instr, times) for instr, times in module.instructions(("all-gather", "all-gather-start"))]
-  assert gathers  # FSDP-free mesh still gathers tensor-sharded weights for the embedding: the check sees gathers
+  assert gathers  # the FSDP weight gathers: the check does see all-gathers
   for instr, _ in gathers:
     for shape in instr.shapes:
       assert not (V in shape.dims and L in shape.dims), f"all-gather of logits: {instr.name} {shape}"
