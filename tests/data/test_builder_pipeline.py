@@ -11,7 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tweetjax.data import builder, pipeline, synthetic
+from tweetjax.data import builder, normalize, pipeline, synthetic
+from tweetjax.data.tokenizer import Tokenizer
 
 FIX = pathlib.Path(__file__).parent / "fixtures"
 TOK = str(FIX / "tokenizer.model")
@@ -86,6 +87,34 @@ def test_threads_joined_in_time_order(tmp_path):
   thread = ex["1700000000000000001"]
   assert thread["num_tweets"] == 2 and thread["toxicity"] == 1
   assert thread["text"] == "Loving the new stadium & the crowd! <url> @user <sep> @user totally agree, best crowd ever"
+
+
+def test_loader_normalizes_only_where_the_build_did_not(tmp_path):
+  texts = ["I &amp;lt;3 this", "  call +1 2 3 now  ", "@bob says hi", "plain text tweet"]  # first: not a fixed point
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+  path = str(tmp_path / "ds")
+  stats = builder.build([str(tmp_path / "in.jsonl")], path, builder.BuildConfig(
+      normalize=normalize.NormalizeConfig(mentions="keep"), validation_fraction=0.0, dedup_near=False))
+  assert stats["normalize_version"] == normalize.VERSION and stats["kept"] == 4
+  assert builder.stored_normalization(path) == normalize.NormalizeConfig(mentions="keep")
+  stored = pipeline.TweetSource(path, "train").texts(range(4))
+  assert sorted(stored) == ["@bob says hi", "I &lt;3 this", "call <phone> now", "plain text tweet"]
+  tok = Tokenizer(TOK)
+
+  def loaded(options):
+    it = pipeline.iterate_packed_batches(path, tok, 64, 4, split="train", normalize_config=options)
+    return it.renormalize, sorted(tok.decode(b["inputs"][r][b["segment_ids"][r] == s][1:])  # [1:]: BOS
+                                  for b in it for r in range(4) for s in range(1, b["segment_ids"][r].max() + 1))
+
+  assert loaded({"mentions": "keep"}) == (False, sorted(stored))  # the build's text, as the tokenizer saw it
+  assert loaded(None) == (True, ["@user says hi", "I <3 this", "call <phone> now", "plain text tweet"])
+  on_disk = json.loads((pathlib.Path(path) / builder.STATS_FILE).read_text())
+  del on_disk["normalize_version"]  # a build from before the record: normalize again
+  (pathlib.Path(path) / builder.STATS_FILE).write_text(json.dumps(on_disk))
+  assert builder.stored_normalization(path) is None and loaded({"mentions": "keep"})[0]
+  (pathlib.Path(path) / builder.STATS_FILE).write_text("{not json")
+  with pytest.raises(ValueError, match="build_stats.json: cannot read the build's normalization options"):
+    pipeline.iterate_packed_batches(path, tok, 64, 4, split="train")
 
 
 def _batches(it, n):

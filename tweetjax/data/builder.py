@@ -2,7 +2,8 @@
 
 Layout of a built dataset directory (`config.data.dataset_dir`):
   <dir>/tweetjax_tweets/1.0.0/   TFDS files (`*.array_record-*`, dataset_info.json, features.json)
-  <dir>/build_stats.json         counts (read, kept, dropped by reason, per split, per format) and the options;
+  <dir>/build_stats.json         counts (read, kept, dropped by reason, per split, per format) and the options
+                                 (`normalize_version` + `config.normalize`: how the stored text is normalized);
                                  written last, so its presence marks a complete dataset
   <dir>/raw/                     the generated exports, for `--synthetic` builds only
 Reading needs no TensorFlow: `tfds.builder_from_directory(...).as_data_source()` (see `open_split`).
@@ -241,7 +242,22 @@ def summarize(stats: collections.Counter, by_split: dict[str, list], config: Bui
       "tokens": {},
       "seconds": round(seconds, 2),
       "config": {**dataclasses.asdict(config), "langs": list(config.langs)},
+      "normalize_version": normalize_lib.VERSION,
   }
+
+
+def stored_normalization(dataset_dir: str | os.PathLike) -> normalize_lib.NormalizeConfig | None:
+  """The normalization the build applied to the stored text; None where this code may normalize differently (a build
+  by another `normalize.VERSION`, or one that predates the record), so the loader must normalize again."""
+  path = epath.Path(dataset_dir) / STATS_FILE
+  try:
+    stats = json.loads(path.read_text())
+    if stats.get("normalize_version") != normalize_lib.VERSION:
+      return None
+    return normalize_lib.NormalizeConfig.from_dict(stats["config"]["normalize"])
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f"{path}: cannot read the build's normalization options (expected JSON with "
+                     f"config.normalize = NormalizeConfig fields): {e!r}") from e
 
 
 def format_table(result: dict[str, Any]) -> str:

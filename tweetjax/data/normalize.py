@@ -18,7 +18,7 @@ by NUL (removed from texts in step 1) instead of once per tweet, since the per-c
 100-character strings; every pattern starts with a literal or a small character set, so `re` jumps to candidate
 positions instead of trying each one; and pure-ASCII tweets (most of them) are joined apart from the others, so
 their string is 1 byte per character, skips NFC and the Unicode whitespace scan, and is matched by ASCII versions of
-the patterns (re.ASCII, `0-9` for `\d`, URL prefixes as literals on a lower-cased copy), which mean the same there.
+the patterns (re.ASCII, `0-9` for `\\d`, URL prefixes as literals on a lower-cased copy), which mean the same there.
 """
 
 import dataclasses
@@ -33,6 +33,9 @@ SEP_TOKEN = "<sep>"
 EMAIL_TOKEN = "<email>"
 PHONE_TOKEN = "<phone>"
 SPECIAL_TOKENS = (URL_TOKEN, USER_TOKEN, SEP_TOKEN, EMAIL_TOKEN, PHONE_TOKEN)
+# Bump when `normalize_batch` gives another output for some input and options: builds record it, and the loader
+# re-normalizes text built by another version (tweetjax.data.builder.stored_normalization).
+VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +85,7 @@ _PHONE = (r"[+(DIGIT](?:(?<=\+)(?<![\w+-].)[DIGIT]{1,3}(?:[ .-]?\(?[DIGIT]{1,4}\
 
 
 class _Patterns:
-  """The regexes of steps 4-7, for any text or (ascii_only) for pure-ASCII text. Each starts with a literal or a
+  r"""The regexes of steps 4-7, for any text or (ascii_only) for pure-ASCII text. Each starts with a literal or a
   character set, lookbehinds after the first character (`x(?<![\w+-].)` == `(?<![\w+-])x`), so that `re` skips
   ahead to candidate positions instead of trying every position of the batch."""
 

@@ -2,8 +2,10 @@
 
 The GLOBAL row stream is a pure function of (dataset, split, shuffle_seed, pack_window, seq_len, tokenizer):
   1. record order: `grain.MapDataset.range(n).shuffle(seed).repeat(epochs)` (each epoch reshuffled),
-  2. cut into windows of `pack_window` records; each window is normalized, tokenized and packed on its own
-     (best-fit decreasing, `packing.pack`), giving a deterministic list of rows,
+  2. cut into windows of `pack_window` records; each window is tokenized and packed on its own (best-fit
+     decreasing, `packing.pack`), giving a deterministic list of rows. The stored text is already normalized by the
+     build; the loader normalizes it again only when `normalize` differs from the build's options (or the build
+     predates the record of them, see `builder.stored_normalization`),
   3. global batch k = rows [k*B, (k+1)*B) of the concatenated windows.
 Every process computes the same windows (tokenizing a window is cheap next to a train step) and keeps only its
 own rows of each global batch, so the global batch sequence does not depend on the number of processes.
@@ -17,6 +19,7 @@ Dims: B batch (global), b local batch, L sequence length.
 import json
 from typing import Any, Iterator
 
+from absl import logging
 import grain
 import jax
 import numpy as np
@@ -79,6 +82,13 @@ class PackedBatchIterator:
     self.seq_len, self.global_batch_size = seq_len, global_batch_size
     self.local_rows = local_rows or slice(0, global_batch_size)
     self.normalize_config = normalize.NormalizeConfig.from_dict(normalize_config)
+    # Normalizing again with the build's own options would cost most of the loader's CPU time, and would not always
+    # be a no-op (normalize.py names the exceptions): the model should see the text the tokenizer was trained on.
+    built = builder.stored_normalization(dataset_dir)
+    self.renormalize = built != self.normalize_config
+    if self.renormalize:
+      logging.info("tweet loader: normalizing %s/%s again with %s (the build used %s)", dataset_dir, split,
+                   self.normalize_config, built or "unrecorded options")
     order = grain.MapDataset.range(len(self.source))
     if shuffle:
       order = order.shuffle(seed=shuffle_seed)
@@ -88,7 +98,9 @@ class PackedBatchIterator:
     self._rows_window = -1
 
   def _pack_window(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    texts = normalize.normalize_batch(self.source.texts(indices.tolist()), self.normalize_config)
+    texts = self.source.texts(indices.tolist())
+    if self.renormalize:
+      texts = normalize.normalize_batch(texts, self.normalize_config)
     tok = self.tokenizer
     return packing.pack(tok.encode_batch(texts), self.seq_len, tok.bos_id, tok.eos_id, tok.pad_id)
 
