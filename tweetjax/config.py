@@ -99,6 +99,6 @@ def base_config() -> ml_collections.ConfigDict:
   # --- Performance (tweetjax/perf/env.py): XLA flags every tool appends to XLA_FLAGS before JAX starts ---
   # Defaults: GPU latency-hiding scheduler, pipelined and combined collectives (other backends ignore them).
   # A flag already in the XLA_FLAGS environment variable wins over the same flag here.
-  config.xla_flags = list(DEFAULT_XLA_FLAGS)
+  config.xla_flags = tuple(DEFAULT_XLA_FLAGS)
   # --- end performance ---
   return config
