@@ -35,3 +35,17 @@ COMMON=(--config=experiments/tiny.py --workdir="$RUN"
 step "3/6 train tiny for 100 steps on the fake 8-device mesh (data=2, fsdp=2, tensor=2)"
 python tools/train.py "${COMMON[@]}" --config.train.steps=100 --config.train.log_every=10 \
   --config.checkpoint.every_steps=50 --alsologtostderr
+
+step "4/6 perplexity and bits per byte on the validation split"
+python tools/evaluate.py "${COMMON[@]}" --job=perplexity
+
+step "5/6 three sampled tweets (KV-cache decoding)"
+python tools/sample.py "${COMMON[@]}" --num_samples=3
+
+step "6/6 flagging report (linear probe on pooled hidden states, zero-shot label prompts)"
+if [ ! -f "$DATA/eval_sets/flagging_train.jsonl" ]; then
+  python tools/evaluate.py "${COMMON[@]}" --build_eval_sets
+fi
+python tools/evaluate.py "${COMMON[@]}" --job=flagging
+
+printf '\ndemo done: metrics in %s/metrics.jsonl, eval results in %s/eval/\n' "$RUN" "$RUN"
