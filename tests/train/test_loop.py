@@ -17,6 +17,7 @@ from tests.helpers import REPO
 from tests.train.crash_driver import run_config
 from tweetjax.train import loop, metrics
 from tweetjax.train.checkpoint import CheckpointManager, restore_params
+from tweetjax.train.plot import plot_curves
 
 STEPS = 12
 # Everything a step computes; timings differ from run to run and are not compared.
@@ -79,6 +80,10 @@ def test_baseline_writes_metrics_eval_profile_and_checkpoints(baseline):
   assert glob.glob(os.path.join(baseline, "profile", "**", "*.xplane.pb"), recursive=True), "no profiler trace"
   with CheckpointManager(baseline) as manager:
     assert manager.all_steps() == [8, 10, 12]  # every 2 steps, the newest 3 kept
+  out = os.path.join(baseline, "curves.png")
+  plot_curves(rows, out)
+  with open(out, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def _driver(workdir, kill, *, wait=True):

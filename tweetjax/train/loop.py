@@ -215,10 +215,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, watcher: PreemptionW
           last.update(scores)
         excluded_s += time.perf_counter() - started
 
-      if saving:
-        started = time.perf_counter()
+      if saving:  # Its blocking part counts in the next window's step time: that is what checkpoints cost.
         checkpoints.save(done, state, batches.get_state(), config=config, force=is_last or preempted)
-        excluded_s += time.perf_counter() - started
       if preempted and not is_last:
         logging.warning("preempted: stopping after step %d with a checkpoint", done)
         stopped_early = True
