@@ -119,7 +119,9 @@ def measured_cpu_flops(dtype: str = "float32", cache_dir: str = "") -> float:
   """Best-of-a-few matmul throughput of one CPU device: the MFU denominator for CPU runs (an estimate).
 
   With fake multi-device CPU meshes all 'devices' share the same cores, so the per-device figure overstates what
-  each can do at once; MFU on such meshes is only indicative.
+  each can do at once; MFU on such meshes is only indicative. On a machine shared with other jobs the probe sees
+  only what was free at that moment, and MFU can then exceed 1: delete the cached figure or set
+  config.train.peak_flops_per_device.
   """
   key = f"{jax.devices()[0].device_kind}|{os.cpu_count()}|{dtype}|{jax.__version__}"
   path = os.path.join(cache_dir, "cpu_peak_flops.json") if cache_dir else ""
@@ -132,7 +134,8 @@ def measured_cpu_flops(dtype: str = "float32", cache_dir: str = "") -> float:
       cached = {}
     if key in cached:
       return float(cached[key])
-  n = 1024
+  # Big enough to reach the multi-threaded matmul's steady state; the best of a few runs discounts other load.
+  n = 1536
   a = jnp.ones((n, n), dtype)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
