@@ -51,3 +51,15 @@ def test_tensor_parallel_step_never_gathers_full_logits():
       assert shape.size < rows * L * V, f"all-gather as large as the logits: {instr.name} {shape}"
   stats = hlo.collective_stats(module)
   assert stats["all-reduce"].ops > 0  # the row-parallel projections' partial sums are there
+
+
+def test_gpu_benchmark_model_lowers_with_bf16_matmuls():
+  """experiments/llama_1b.py as `tools/bench.py --gpu` runs it (bf16, FSDP over all devices), lowered on the CPU with
+  attention_impl=xla (cuDNN needs a GPU): the GPU path traces, and its matmuls are bf16 like tiny's."""
+  config = load_config("llama_1b")
+  config.model.update(dtype="bfloat16", attention_impl="xla")
+  config.data.update(global_batch_size=8, seq_len=256)
+  _, lowered = _lowered(config)
+  dots = hlo.dots(hlo.parse_module(lowered.as_text(dialect="hlo")))
+  assert len([d for d in dots if any(o.dtype == "f32" for o in d.operands)]) <= 2
+  assert any(128_256 in d.result.dims for d in dots)  # the tied LM head

@@ -41,6 +41,8 @@ _STEPS = flags.DEFINE_integer("steps", 4, "Timed train steps per configuration (
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "Config override key=value (e.g. data.global_batch_size=4).")
 _PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time Hugging Face LlamaForCausalLM in eager PyTorch.")
 _PEER_STEPS = flags.DEFINE_integer("peer_steps", 2, "Timed PyTorch steps.")
+_PEER_TIMEOUT = flags.DEFINE_float("peer_timeout_s", 900, "Give up on a PyTorch measurement after this long (bf16 "
+                                   "matmuls without avx512_bf16/AMX can be orders of magnitude slower).")
 _LAYERS = flags.DEFINE_list("compile_layers", ["4", "16", "48"], "Depths for the compile-time benchmark.")
 _GPU = flags.DEFINE_bool("gpu", False, "GPU mode: experiments/llama_1b.py in bf16 with cuDNN attention.")
 _GPU_ROWS = flags.DEFINE_integer("gpu_rows_per_device", 4, "GPU mode: 4096-token rows per device per step.")
@@ -110,7 +112,11 @@ def _subprocess(spec: dict, timeout: float = 3600) -> dict | None:
   if spec.get("platform_cpu"):
     env["JAX_PLATFORMS"] = "cpu"
   cmd = [sys.executable, os.path.abspath(__file__), "--worker=" + json.dumps(spec)]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+  try:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    print(f"  TIMED OUT after {timeout:.0f}s: {spec['kind']} {spec.get('dtype', '')}", flush=True)
+    return {"timed_out_s": timeout}
   for line in proc.stdout.splitlines():
     if line.startswith(_RESULT):
       return json.loads(line[len(_RESULT):])
@@ -139,10 +145,13 @@ def bench_peak(results: dict) -> None:
       results.setdefault("peak", {})[dtype] = r
       print(f"  jax   {dtype:<9} {r['best_flops'] / 1e9:8.1f} GFLOP/s best   {r['median_flops'] / 1e9:8.1f} median")
     if _PEER.value == "torch":
-      r = _subprocess({"kind": "torch_peak", "dtype": dtype})
-      if r:
+      # torch's bf16 matmul is very slow without avx512_bf16/AMX: a smaller square keeps the probe short.
+      n = 512 if dtype == "bfloat16" else 2048
+      r = _subprocess({"kind": "torch_peak", "dtype": dtype, "n": n}, timeout=_PEER_TIMEOUT.value)
+      if r and "timed_out_s" not in r:
         results.setdefault("torch_peak", {})[dtype] = r
-        print(f"  torch {dtype:<9} {r['best_flops'] / 1e9:8.1f} GFLOP/s best   {r['median_flops'] / 1e9:8.1f} median")
+        print(f"  torch {dtype:<9} {r['best_flops'] / 1e9:8.1f} GFLOP/s best   {r['median_flops'] / 1e9:8.1f} median"
+              f"  (n={n})")
 
 
 def bench_step(results: dict) -> None:
@@ -168,8 +177,15 @@ def bench_step(results: dict) -> None:
               f"{100 * r['mfu_median']:.1f}%", flush=True)
       if _PEER.value == "torch":
         r = _subprocess({"kind": "torch_step", "config": path, "overrides": overrides, "dtype": dtype,
-                         "steps": _PEER_STEPS.value})
+                         "steps": _PEER_STEPS.value}, timeout=_PEER_TIMEOUT.value)
         if not r:
+          continue
+        if "timed_out_s" in r:  # not even warm-up + steps finished: an upper bound on its throughput
+          tokens = int(overrides.get("data.global_batch_size", 0) or 0) * int(overrides.get("data.seq_len", 0) or 0)
+          results.setdefault("torch_step", []).append({"shape": shape, "dtype": dtype, **r})
+          print(f"  {shape:<6} {dtype:<9}   torch did not finish {_PEER_STEPS.value + 1} steps in "
+                f"{r['timed_out_s']:.0f}s" + (f" (< {tokens * (_PEER_STEPS.value + 1) / r['timed_out_s']:.1f} "
+                                               "tokens/s)" if tokens else ""), flush=True)
           continue
         ours = [x for x in results.get("step", []) if x["shape"] == shape and x["dtype"] == dtype
                 and x["devices"] == 1]
