@@ -51,8 +51,8 @@ def make_setup(root: pathlib.Path) -> Setup:
   builder.build([], dataset_dir, builder.BuildConfig(validation_fraction=0.15),
                 generate=lambda raw: synthetic.generate(raw, num_tweets=NUM_TWEETS, seed=11))
   eval_dir = str(root / "eval_sets")
-  eval_sets.build_eval_sets(dataset_dir, eval_dir, seed=0, max_flagging_train=1500, max_search_queries=120,
-                            max_search_train=1000, num_users=30)
+  eval_sets.build_eval_sets(dataset_dir, eval_dir, seed=0, max_flagging_train=800, max_search_queries=120,
+                            max_search_train=500, num_users=40)
   config = eval_config(dataset_dir, eval_dir)
   workdir = str(root / "workdir")
   experiment = build_experiment(config)

@@ -24,7 +24,7 @@ def test_built_sets_follow_the_schema(setup):
     assert all(w in texts[q["relevant_id"]] for w in q["query"].split())
   assert len(train) > len(queries) > 50
   users = read_jsonl(os.path.join(d, "personalization.jsonl"), "personalization")
-  assert len(users) == 30 and all(sum(c["engaged"] for c in u["candidates"]) == 2 for u in users)
+  assert len(users) == 40 and all(sum(c["engaged"] for c in u["candidates"]) == 2 for u in users)
   ads = read_jsonl(os.path.join(d, "adcopy.jsonl"), "adcopy")
   assert ads and all(a["audience"] != "general" and a["references"] for a in ads)
 

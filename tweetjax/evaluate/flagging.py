@@ -40,11 +40,14 @@ def load_split(ctx: EvalContext, name: str) -> tuple[list[str], list[str], np.nd
 
 
 def train_probe(ctx: EvalContext) -> tuple[LogisticProbe, list[str]]:
-  texts, names, labels = load_split(ctx, "train")
-  cfg = ctx.eval_config
-  probe = LogisticProbe.fit(ctx.embed(texts), labels, steps=int(cfg.probe_steps),
-                            learning_rate=float(cfg.probe_learning_rate), l2=float(cfg.probe_l2))
-  return probe, names
+  """The probe of this checkpoint (trained once per step; the ad-copy job reuses it)."""
+  def fit():
+    texts, names, labels = load_split(ctx, "train")
+    cfg = ctx.eval_config
+    probe = LogisticProbe.fit(ctx.embed(texts), labels, steps=int(cfg.probe_steps),
+                              learning_rate=float(cfg.probe_learning_rate), l2=float(cfg.probe_l2))
+    return probe, names
+  return ctx.cached(f"flagging_probe@{ctx.step}", fit)
 
 
 def zero_shot_scores(ctx: EvalContext, texts: Sequence[str], names: Sequence[str]) -> np.ndarray:

@@ -4,7 +4,8 @@ Two scorers over personalization.jsonl (history of tweets + candidates with an `
   likelihood (headline)  PMI of the candidate with the history: log p(candidate | history) - log p(candidate), the
                          history being the user's tweets joined with " <sep> " in one context; subtracting the
                          unconditional term removes the bias towards short or generic tweets;
-  embedding              cosine similarity of the candidate's pooled state to the mean pooled state of the history.
+  embedding              cosine similarity of the candidate's pooled state to the mean pooled state of the history
+                         (both centred on the eval set's mean state).
 Reports NDCG@10 (linear gains: engaged = 1), hit-rate@1/@5 and, as a yardstick, the expected NDCG@10 of a random
 ranking.
 """
@@ -51,8 +52,12 @@ def run(ctx: EvalContext) -> tuple[dict[str, float], dict[str, Any]]:
   history_emb = ctx.embed([t for u in users for t in norm(u["history"])])
   sizes = [len(u["history"]) for u in users]
   starts = np.cumsum([0] + sizes)
+  cand_emb = ctx.embed(candidates)
+  # Centred: pooled states share a large common direction that would otherwise dominate every cosine.
+  mean_D = np.concatenate([history_emb, cand_emb]).mean(0)
+  history_emb, cand_emb = history_emb - mean_D, cand_emb - mean_D
   user_UxD = np.stack([history_emb[a:b].mean(0) for a, b in zip(starts[:-1], starts[1:])])
-  cand_UxCxD = ctx.embed(candidates).reshape(len(users), C, -1)
+  cand_UxCxD = cand_emb.reshape(len(users), C, -1)
   unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-9)
   cosine_UxC = np.einsum("ud,ucd->uc", unit(user_UxD), unit(cand_UxCxD))
   results.update(_ranking_metrics("embedding", cosine_UxC, gains_UxC))
