@@ -151,8 +151,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, watcher: PreemptionW
   logging.info("train step: %s in %.1fs", compile_info.source, compile_info.seconds)
   xla_flops = flops_lib.compiled_flops(step_fn)
   if xla_flops:
-    logging.info("XLA counts %.4g FLOPs per device per step (%.4g per token over the mesh; model count %.4g)",
-                 xla_flops, xla_flops * mesh.size / tokens_per_step, flops.train)
+    logging.info("XLA counts %.4g FLOPs per device per step (%.4g per token over the mesh; model count %.4g, "
+                 "%.4g with dense attention; XLA counts a scanned layer stack's body once)", xla_flops,
+                 xla_flops * mesh.size / tokens_per_step, flops.train, flops.train_dense_attention)
   eval_every, eval_step = int(config.train.eval_every), None
   if eval_every > 0:
     eval_step = experiment.eval_step()
