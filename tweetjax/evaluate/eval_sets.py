@@ -10,6 +10,7 @@ Files in an eval-set directory (`config.eval.data_dir`), one JSON object per lin
   search_train.jsonl       head training      {"query": str, "text": str}         (optional: no head without it)
   personalization.jsonl    next engagement    {"user_id": str, "history": [str, ...],
                                                "candidates": [{"id": str, "text": str, "engaged": 0|1}, ...]}
+  personalization_train.jsonl  head training  same schema, other users (optional: no head without it)
   adcopy.jsonl             ad generation      {"prompt": str, "audience": str, "product": str, "references": [str, ...]}
 
 A missing file, a line that is not JSON, or a missing/mistyped field raises EvalSetError naming file, line and field.
@@ -20,7 +21,8 @@ examples carry labels (toxicity/spam/misinformation, topic, audience), e.g. the 
   search    a query of 3 content words drawn from a validation tweet, whose relevant item is that tweet, over an index
             of all validation tweets (train pairs built the same way from the train split);
   personalization  users who like 1-2 topics: a history of train tweets of their topics, candidates from validation
-            of which the ones on their topics are engaged;
+            of which the ones on their topics are engaged; personalization_train: other users (ids train_user*)
+            whose histories and candidates are all train tweets, so the ranking head never sees an eval candidate;
   adcopy    one prompt per (audience, topic): an audience phrase and a product word; references are validation tweets
             of that audience and topic.
 """
@@ -35,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 FLAG_LABELS = ("toxicity", "spam", "misinformation")
 FILES = ("flagging_train.jsonl", "flagging_eval.jsonl", "search_corpus.jsonl", "search_queries.jsonl",
-         "search_train.jsonl", "personalization.jsonl", "adcopy.jsonl")
+         "search_train.jsonl", "personalization.jsonl", "personalization_train.jsonl", "adcopy.jsonl")
 AUDIENCE_PHRASES = {"fans": "fellow fans,", "professionals": "industry note:", "parents": "as a parent,",
                     "investors": "for investors:", "general": ""}
 _STOPWORDS = set("""the and for with that this what from have just about been more than your they them then there
@@ -175,7 +177,8 @@ def _labeled(ex: dict[str, Any]) -> bool:
 def make_eval_sets(train: list[dict[str, Any]], validation: list[dict[str, Any]], seed: int = 0, *,
                    max_flagging_train: int = 2000, max_flagging_eval: int = 1000, max_search_queries: int = 200,
                    max_search_train: int = 2000, num_users: int = 40, history_size: int = 5,
-                   num_candidates: int = 20, num_engaged: int = 2, references_per_prompt: int = 4
+                   num_candidates: int = 20, num_engaged: int = 2, num_train_users: int = 200,
+                   references_per_prompt: int = 4
                    ) -> dict[str, list[dict[str, Any]]]:
   """The eval-set records (file name -> records) from dataset examples (dicts with text, id, labels, topic...)."""
   rng = random.Random(seed)
@@ -213,18 +216,24 @@ def make_eval_sets(train: list[dict[str, Any]], validation: list[dict[str, Any]]
       if ex.get("topic"):
         by_topic.setdefault(ex["topic"], []).append(ex)
   topics = sorted(set(by_topic_train) & set(by_topic_val))
-  users = []
-  if len(topics) >= 3:
-    for u in range(num_users):
+
+  def make_users(rng, count, prefix, candidate_pool):
+    users = []
+    for u in range(count if len(topics) >= 3 else 0):
       liked = rng.sample(topics, rng.choice([1, 2]))
       history = [rng.choice(by_topic_train[rng.choice(liked)])["text"] for _ in range(history_size)]
-      engaged = [rng.choice(by_topic_val[rng.choice(liked)]) for _ in range(num_engaged)]
+      engaged = [rng.choice(candidate_pool[rng.choice(liked)]) for _ in range(num_engaged)]
       others = [t for t in topics if t not in liked]
-      ignored = [rng.choice(by_topic_val[rng.choice(others)]) for _ in range(num_candidates - num_engaged)]
+      ignored = [rng.choice(candidate_pool[rng.choice(others)]) for _ in range(num_candidates - num_engaged)]
       candidates = [{"id": ex["id"], "text": ex["text"], "engaged": int(ex in engaged)} for ex in engaged + ignored]
       rng.shuffle(candidates)
-      users.append({"user_id": f"user{u}", "liked_topics": liked, "history": history, "candidates": candidates})
-  out["personalization.jsonl"] = users
+      users.append({"user_id": f"{prefix}{u}", "liked_topics": liked, "history": history, "candidates": candidates})
+    return users
+
+  out["personalization.jsonl"] = make_users(rng, num_users, "user", by_topic_val)
+  if num_train_users:  # Its own generator: training users leave every other file of a given seed unchanged.
+    out["personalization_train.jsonl"] = make_users(random.Random(f"{seed}/personalization_train"),
+                                                    num_train_users, "train_user", by_topic_train)
 
   groups: dict[tuple[str, str], list] = {}
   for ex in validation:
