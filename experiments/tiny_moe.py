@@ -9,14 +9,11 @@ weights, all-to-all over 'expert', psum over 'tensor') runs on 8 devices.
 """
 
 from tweetjax.config import base_config
+from tweetjax.config_args import parse_arg
 
 
 def get_config(arg=None):
-  options = dict(item.split("=", 1) for item in arg.split(",")) if arg else {}
-  unknown = sorted(set(options) - {"moe_every"})
-  if unknown:
-    raise ValueError(f"experiments/tiny_moe.py: unknown options {unknown}; known: ['moe_every']")
-  moe_every = int(options.get("moe_every", 1))
+  moe_every = parse_arg(arg, moe_every=1).moe_every
   config = base_config()
   config.model.update(vocab_size=1024, d_model=64, num_layers=2 * moe_every, num_heads=8, num_kv_heads=4,
                       head_dim=16, mlp_dim=256, num_experts=8, experts_per_token=2, moe_every=moe_every,
