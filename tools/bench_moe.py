@@ -108,4 +108,6 @@ if __name__ == "__main__":
   count = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--fake_devices=")), "8")
   if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}")
+  from tweetjax.perf import env  # pylint: disable=g-import-not-at-top
+  env.size_cpu_thread_pool()
   app.run(main)

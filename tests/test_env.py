@@ -1,0 +1,28 @@
+"""Process set-up before JAX starts: XLA flag merging and the XLA:CPU thread pool for fake devices."""
+
+import os
+
+from tweetjax.perf import env
+
+
+def test_fake_device_count_reads_the_last_flag():
+  assert env.fake_device_count("") == 1
+  assert env.fake_device_count("--xla_foo=1 --xla_force_host_platform_device_count=3") == 3
+  assert env.fake_device_count("--xla_force_host_platform_device_count=3 --xla_force_host_platform_device_count=8") == 8
+
+
+def test_fake_devices_get_a_thread_pool_large_enough_for_their_collectives():
+  # A pool of 12 threads deadlocked tiny's 8-device step within 300 steps on 2 cores (perf/env.py); 32 is the size.
+  environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  assert env.size_cpu_thread_pool(environ) == max(os.cpu_count(), 32) and environ["PJRT_NPROC"] == str(
+      max(os.cpu_count(), 32))
+  assert env.size_cpu_thread_pool({"XLA_FLAGS": ""}) is None  # one device: XLA's default
+  user = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PJRT_NPROC": "5"}
+  assert env.size_cpu_thread_pool(user) is None and user["PJRT_NPROC"] == "5"  # the user's choice stands
+  # This test process (tests/conftest.py imports tweetjax before JAX starts) runs with the enlarged pool.
+  assert int(os.environ["PJRT_NPROC"]) >= 32
+
+
+def test_merge_keeps_the_users_flags():
+  merged = env.merge_xla_flags("--xla_a=1", ["--xla_a=2", "--xla_b=3", "--xla_b=4"])
+  assert merged == "--xla_a=1 --xla_b=4"
