@@ -1,7 +1,7 @@
 """Every parallel layout computes the single-device numbers.
 
 Same init, same batches: loss and grads on 1 device vs each 8-device layout agree within 1e-5 (relative, per
-parameter, in the L2 norm) in fp32, and so do the params after 3 optimizer steps.
+parameter, in the L2 norm) in fp32, and the params after 3 AdamW steps within 3e-5.
 """
 
 import jax
@@ -21,6 +21,9 @@ RTOL = 1e-5
 # Adam divides by sqrt(v): an entry whose true gradient is ~0 gets a sign-of-roundoff update of size lr in fp32.
 # An eps above that roundoff floor (grads here are ~1e-3) keeps the comparison about the layouts, not about noise.
 EPS = 1e-6
+# Even so, Adam's per-entry normalisation turns the grads' ~1e-6 relative roundoff into a larger one in the params:
+# measured up to 1.0e-5 (the embedding, whose rarely-seen rows get the smallest gradients) after 3 steps.
+PARAM_RTOL = 3e-5
 
 
 def config_for(layout):
@@ -74,7 +77,7 @@ def test_layout_matches_single_device(single_device, layout):
   grad_errors = relative_errors(grads, want_grads)
   assert max(jax.tree.leaves(grad_errors)) < RTOL, grad_errors
   param_errors = relative_errors(new_params, want_params)
-  assert max(jax.tree.leaves(param_errors)) < RTOL, param_errors
+  assert max(jax.tree.leaves(param_errors)) < PARAM_RTOL, param_errors
   # The optimizer moved the params: the comparison after 3 steps is not trivially of the init.
   moved = relative_errors(new_params, params)
   assert min(jax.tree.leaves(moved)) > 1e-4, moved
