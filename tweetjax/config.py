@@ -88,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.search_head_steps = 200  # search: InfoNCE steps of a linear head on pooled states (0: raw pooled)
   config.eval.search_head_dim = 64
   config.eval.search_temperature = 0.05
+  # personalization: listwise-softmax steps of the ranking head on personalization_train.jsonl (0: no head)
+  config.eval.personalization_head_steps = 200
+  config.eval.personalization_head_dim = 64
+  config.eval.personalization_temperature = 0.05
   config.eval.max_new_tokens = 40  # sampling and ad-copy generation
   config.eval.temperature = 0.8  # 0: greedy
   config.eval.top_k = 0  # 0: off

@@ -37,6 +37,7 @@ def eval_config(dataset_dir: str, eval_dir: str):
   config.eval.probe_steps = 200
   config.eval.flagging_zero_shot = False  # checked directly (test_jobs.py); it triples the job's forward passes
   config.eval.search_head_steps = 150
+  config.eval.personalization_head_steps = 150
   config.eval.max_new_tokens = 24
   return config
 

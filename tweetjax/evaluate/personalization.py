@@ -7,8 +7,8 @@ tweets, a candidate its own pooled state. Two scorers over personalization.jsonl
                    personalization_train.jsonl (other users, train tweets only) with a listwise softmax loss: each
                    training user's engaged candidates against their other candidates. Same procedure, data and seed
                    for every checkpoint, so differences come from the features. Needs personalization_train.jsonl
-                   and head steps > 0 (config.eval.personalization_head_{steps,dim} and personalization_temperature
-                   when set, else the search head's settings);
+                   and config.eval.personalization_head_steps > 0 (also personalization_head_dim and
+                   personalization_temperature);
   embedding        cosine of the raw states, both centred on the eval set's mean state (no training).
 Reports NDCG@10 (linear gains: engaged = 1), hit-rate@1/@5 and, as a yardstick, the expected NDCG@10 of a random
 ranking; `head/train_ndcg@10` is the head's fit on its own training users.
@@ -121,14 +121,13 @@ def run(ctx: EvalContext) -> tuple[dict[str, float], dict[str, Any]]:
 
   train_path = os.path.join(data_dir, "personalization_train.jsonl")
   eval_config = ctx.eval_config
-  steps = int(eval_config.get("personalization_head_steps", eval_config.search_head_steps))
+  steps = int(eval_config.personalization_head_steps)
   if os.path.exists(train_path) and steps > 0:
     train_users, train_C = read_users(train_path)
     train_features = featurize(ctx, train_users, train_C)
     head = RankingHead.fit(*train_features, steps=steps,
-                           dim=int(eval_config.get("personalization_head_dim", eval_config.search_head_dim)),
-                           temperature=float(eval_config.get("personalization_temperature",
-                                                             eval_config.search_temperature)))
+                           dim=int(eval_config.personalization_head_dim),
+                           temperature=float(eval_config.personalization_temperature))
     results.update(_ranking_metrics("head", head.scores(users_UxD, cands_UxCxD), gains_UxC))
     # On its own training users: far above head/ndcg@10 means the features, not the head's fit, are the limit.
     results["head/train_ndcg@10"] = metrics_lib.ndcg_at_k(head.scores(*train_features[:2]), train_features[2], 10)
