@@ -74,8 +74,12 @@ class MLP(nn.Module):
     gate_DxF = logical_param(self, "gate", kernel_init(0, 1), (D, F), ("embed", "mlp"), cfg)
     up_DxF = logical_param(self, "up", kernel_init(0, 1), (D, F), ("embed", "mlp"), cfg)
     down_FxD = logical_param(self, "down", kernel_init(0, 1), (F, D), ("mlp", "embed"), cfg)
-    gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, gate_DxF.astype(dt))
-    up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, up_DxF.astype(dt))
-    h_BxLxF = constrain(nn.silu(gate_BxLxF) * up_BxLxF, ("act_batch", "act_length", "act_mlp"))
-    out_BxLxD = jnp.einsum("blf,fd->bld", h_BxLxF, down_FxD.astype(dt))
-    return constrain(out_BxLxD, ("act_batch", "act_length", "act_embed"))
+    # 2-D matmuls over the flattened tokens (N = B*L): from 3-D einsums XLA:CPU stores the backward's SwiGLU
+    # products transposed for the weight-gradient dots, ~18% of a small.py fp32 step (benchmarks/RESULTS.md).
+    B, L, _ = x_BxLxD.shape
+    x_NxD = x_BxLxD.reshape(B * L, D)
+    gate_NxF = x_NxD @ gate_DxF.astype(dt)
+    up_NxF = x_NxD @ up_DxF.astype(dt)
+    h_BxLxF = constrain((nn.silu(gate_NxF) * up_NxF).reshape(B, L, F), ("act_batch", "act_length", "act_mlp"))
+    out_NxD = h_BxLxF.reshape(B * L, F) @ down_FxD.astype(dt)
+    return constrain(out_NxD.reshape(B, L, D), ("act_batch", "act_length", "act_embed"))
