@@ -29,12 +29,7 @@ import optax
 from tweetjax.evaluate import eval_sets
 from tweetjax.evaluate import metrics as metrics_lib
 from tweetjax.evaluate.common import EvalContext, normalize_texts
-from tweetjax.evaluate.probe import Standardizer
-
-
-def _unit(x: jax.Array | np.ndarray):
-  norm = jnp.linalg.norm if isinstance(x, jax.Array) else np.linalg.norm
-  return x / (norm(x, axis=-1, keepdims=True) + 1e-9)
+from tweetjax.evaluate.probe import Standardizer, unit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +53,7 @@ class RankingHead:
     tx = optax.adam(learning_rate)
 
     def loss_fn(w):
-      logits_UxC = jnp.einsum("ue,uce->uc", _unit(users @ w), _unit(cands @ w)) / temperature
+      logits_UxC = jnp.einsum("ue,uce->uc", unit(users @ w), unit(cands @ w)) / temperature
       loss_U = optax.softmax_cross_entropy(logits_UxC, target_UxC)
       return jnp.sum(loss_U * counts_U) / jnp.maximum(jnp.sum(counts_U), 1.0)
 
@@ -74,8 +69,8 @@ class RankingHead:
     return cls(standardize, np.asarray(jax.device_get(train(w))))
 
   def scores(self, users_UxD: np.ndarray, candidates_UxCxD: np.ndarray) -> np.ndarray:
-    zu_UxE = _unit(self.standardize(users_UxD) @ self.w_DxE)
-    zc_UxCxE = _unit(self.standardize(candidates_UxCxD) @ self.w_DxE)
+    zu_UxE = unit(self.standardize(users_UxD) @ self.w_DxE)
+    zc_UxCxE = unit(self.standardize(candidates_UxCxD) @ self.w_DxE)
     return np.einsum("ue,uce->uc", zu_UxE, zc_UxCxE)
 
 
@@ -115,7 +110,7 @@ def run(ctx: EvalContext) -> tuple[dict[str, float], dict[str, Any]]:
   users_UxD, cands_UxCxD, gains_UxC = featurize(ctx, users, C)
   # Centred: pooled states share a large common direction that would otherwise dominate every cosine.
   mean_D = np.concatenate([users_UxD, cands_UxCxD.reshape(-1, users_UxD.shape[1])]).mean(0)
-  cosine_UxC = np.einsum("ud,ucd->uc", _unit(users_UxD - mean_D), _unit(cands_UxCxD - mean_D))
+  cosine_UxC = np.einsum("ud,ucd->uc", unit(users_UxD - mean_D), unit(cands_UxCxD - mean_D))
   results = _ranking_metrics("embedding", cosine_UxC, gains_UxC)
   details: dict[str, Any] = {"users": len(users), "candidates_per_user": C}
 

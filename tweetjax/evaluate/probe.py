@@ -14,6 +14,12 @@ import numpy as np
 import optax
 
 
+def unit(x: jax.Array | np.ndarray):
+  """Rows scaled to unit L2 norm (numpy or jax arrays); a zero row stays zero."""
+  xp = jnp if isinstance(x, jax.Array) else np
+  return x / xp.maximum(xp.linalg.norm(x, axis=-1, keepdims=True), 1e-9)
+
+
 @dataclasses.dataclass(frozen=True)
 class Standardizer:
   mean_D: np.ndarray
@@ -89,11 +95,7 @@ class ContrastiveHead:
     tx = optax.adam(learning_rate)
 
     def loss_fn(w, q, t):
-      zq = q @ w
-      zt = t @ w
-      zq = zq / jnp.linalg.norm(zq, axis=1, keepdims=True)
-      zt = zt / jnp.linalg.norm(zt, axis=1, keepdims=True)
-      logits_BxB = zq @ zt.T / temperature
+      logits_BxB = unit(q @ w) @ unit(t @ w).T / temperature
       labels = jnp.arange(q.shape[0])
       return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits_BxB, labels).mean()
                     + optax.softmax_cross_entropy_with_integer_labels(logits_BxB.T, labels).mean())

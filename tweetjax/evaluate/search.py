@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tweetjax.evaluate import eval_sets
 from tweetjax.evaluate import metrics as metrics_lib
 from tweetjax.evaluate.common import EvalContext, normalize_texts
-from tweetjax.evaluate.probe import ContrastiveHead
+from tweetjax.evaluate.probe import ContrastiveHead, unit
 from tweetjax.parallel.rules import BATCH_AXES, axis_size
 
 
@@ -75,10 +75,6 @@ def exact_search(queries_QxE: np.ndarray, index_NxE: np.ndarray, relevant_Q: np.
   return tuple(np.asarray(jax.device_get(x)) for x in (scores, ids, ranks))
 
 
-def _unit(x_NxE: np.ndarray) -> np.ndarray:
-  return x_NxE / np.maximum(np.linalg.norm(x_NxE, axis=1, keepdims=True), 1e-9)
-
-
 def _metrics(prefix: str, ranks_Q: np.ndarray) -> dict[str, float]:
   return {f"{prefix}/recall@1": metrics_lib.recall_at_k(ranks_Q, 1),
           f"{prefix}/recall@10": metrics_lib.recall_at_k(ranks_Q, 10),
@@ -93,7 +89,7 @@ def run(ctx: EvalContext) -> tuple[dict[str, float], dict[str, Any]]:
   index_NxD = ctx.embed(norm([d["text"] for d in corpus]))
   queries_QxD = ctx.embed(norm([q["query"] for q in queries]))
   mesh = ctx.experiment.mesh
-  _, top_ids, ranks = exact_search(_unit(queries_QxD), _unit(index_NxD), relevant_Q, 10, mesh)
+  _, top_ids, ranks = exact_search(unit(queries_QxD), unit(index_NxD), relevant_Q, 10, mesh)
   results = _metrics("raw", ranks)
   details: dict[str, Any] = {"queries": len(queries), "index": len(corpus), "train_pairs": len(train),
                              "examples": [{"query": q["query"], "relevant": corpus[r]["text"],
@@ -104,6 +100,6 @@ def run(ctx: EvalContext) -> tuple[dict[str, float], dict[str, Any]]:
     head = ContrastiveHead.fit(ctx.embed(norm([p["query"] for p in train])), ctx.embed(norm([p["text"] for p in train])),
                                steps=steps, dim=int(ctx.eval_config.search_head_dim),
                                temperature=float(ctx.eval_config.search_temperature))
-    _, _, head_ranks = exact_search(_unit(head(queries_QxD)), _unit(head(index_NxD)), relevant_Q, 10, mesh)
+    _, _, head_ranks = exact_search(unit(head(queries_QxD)), unit(head(index_NxD)), relevant_Q, 10, mesh)
     results.update(_metrics("head", head_ranks))
   return results, details
