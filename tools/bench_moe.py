@@ -12,7 +12,6 @@ all-to-alls cost next to the dense MLP.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
@@ -105,9 +104,8 @@ def main(argv):
 if __name__ == "__main__":
   # Fake devices must be requested before JAX initialises its CPU backend.
   import sys
-  count = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--fake_devices=")), "8")
-  if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}")
   from tweetjax.perf import env  # pylint: disable=g-import-not-at-top
-  env.size_cpu_thread_pool()
+  count = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--fake_devices=")), "8")
+  # A device count already in XLA_FLAGS wins; also sizes the CPU thread pool for the fake devices.
+  env.setup_environment(fake_devices=int(count), distributed=False)
   app.run(main)

@@ -25,6 +25,7 @@ def _stats(seconds: list[float]) -> dict[str, float]:
 
 
 def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, float]:
+  """Best/median seconds of `fn()` (JAX results are waited for; other values, e.g. torch's, are already done)."""
   for _ in range(warmup):
     jax.block_until_ready(fn())
   seconds = []
@@ -40,7 +41,10 @@ def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> dict[str, float]
   a = jax.device_put(jnp.ones((n, n), dtype) * 0.5, jax.devices()[0])
   b = jax.device_put(jnp.ones((n, n), dtype) * 0.25, jax.devices()[0])
   dot = jax.jit(jnp.dot)
-  t = time_calls(lambda: dot(a, b), repeats)
+  return _matmul_rate(dtype, n, time_calls(lambda: dot(a, b), repeats))
+
+
+def _matmul_rate(dtype: str, n: int, t: dict[str, float]) -> dict[str, float]:
   flops = 2.0 * n**3
   return {"dtype": dtype, "n": n, "best_flops": flops / t["best_s"], "median_flops": flops / t["median_s"], **t}
 
@@ -128,13 +132,7 @@ def torch_step_rate(config: ml_collections.ConfigDict, dtype: str, steps: int = 
     optimizer.zero_grad(set_to_none=True)
     return float(loss)
 
-  step()  # warm-up (allocations, oneDNN primitive creation)
-  seconds = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    seconds.append(time.perf_counter() - start)
-  t = _stats(seconds)
+  t = time_calls(step, steps)  # after one warm-up step (allocations, oneDNN primitive creation)
   tokens = B * L
   return {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
           "tokens_per_step": tokens, "best_tokens_per_s": tokens / t["best_s"],
@@ -146,12 +144,4 @@ def torch_matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> dict[str, 
   torch.set_num_threads(os.cpu_count() or 1)
   tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
   a, b = torch.ones(n, n, dtype=tdtype), torch.ones(n, n, dtype=tdtype)
-  torch.mm(a, b)
-  seconds = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    torch.mm(a, b)
-    seconds.append(time.perf_counter() - start)
-  t = _stats(seconds)
-  flops = 2.0 * n**3
-  return {"dtype": dtype, "n": n, "best_flops": flops / t["best_s"], "median_flops": flops / t["median_s"], **t}
+  return _matmul_rate(dtype, n, time_calls(lambda: torch.mm(a, b), repeats))
