@@ -26,7 +26,7 @@ def _both(evaluator, setup, job):
 
 def test_perplexity(evaluator, setup):
   untrained, trained = _both(evaluator, setup, "perplexity")
-  # Untrained is about uniform over the 1024 ids (~7 nats); 120 steps reach < 2.5 nats/token.
+  # Untrained is about uniform over the 1024 ids (~7.4 nats); the trained checkpoint is at ~0.9 nats/token.
   assert untrained["loss"] > 6.0 and trained["loss"] < 2.5
   assert trained["bits_per_byte"] < 0.5 * untrained["bits_per_byte"]
   assert trained["bits_per_byte"] == pytest.approx(trained["loss"] * trained["tokens"] / np.log(2) / trained["bytes"])
@@ -47,19 +47,19 @@ def test_flagging_probe(evaluator, setup):
 
 def test_search(evaluator, setup):
   untrained, trained = _both(evaluator, setup, "search")
-  # Contrastive head on trained states: MRR ~0.23 vs ~0.11 untrained.
+  # Contrastive head on trained states: MRR ~0.28 vs ~0.10 untrained.
   assert trained["head/mrr"] >= untrained["head/mrr"] + 0.05
   assert trained["head/recall@10"] >= trained["head/recall@1"]
 
 
 def test_personalization(evaluator, setup):
   untrained, trained = _both(evaluator, setup, "personalization")
-  # KNOWN GAP: no margin is asserted. Tiny has not learned topics after 120 steps (nor 400), and engagement in
-  # these eval sets is by topic. Measured on eval-set seeds 1 and 2 with 200 eval and 1000 training users: head
-  # NDCG@10 0.32-0.36 after 120 or 400 steps vs 0.32-0.34 untrained; scoring with the model's mean next-token
-  # distribution instead of pooled states is no better (0.26-0.32); random is ~0.27, and plain word overlap between
-  # history and candidate reaches 0.46. The head does fit its training users (~0.95), so the features are the limit;
-  # the ranking metrics themselves are checked by hand in test_metrics.py.
+  # Engagement follows topic. Measured: head NDCG@10 0.75 trained vs 0.32
+  # untrained, raw pooled states 0.52 vs 0.29, random 0.27. The margin needs the model to have learned topics:
+  # after 300 steps of this schedule the head is still at 0.37.
+  assert trained["head/ndcg@10"] >= untrained["head/ndcg@10"] + 0.2
+  assert trained["embedding/ndcg@10"] >= untrained["embedding/ndcg@10"] + 0.1
+  assert trained["head/hit@5"] > untrained["head/hit@5"]
   for results in (untrained, trained):
     for scorer in ("head", "embedding"):
       assert 0.0 < results[f"{scorer}/ndcg@10"] <= 1.0
@@ -76,7 +76,7 @@ def test_personalization(evaluator, setup):
 
 def test_adcopy(evaluator, setup):
   untrained, trained = _both(evaluator, setup, "adcopy")
-  # References are far more likely under the trained model (~2 vs ~7.5 nats/token).
+  # References are far more likely under the trained model (~1.1 vs ~7.4 nats/token).
   assert trained["reference/nll_per_token"] < untrained["reference/nll_per_token"] - 2.0
   assert 0 < trained["generation/distinct_1"] <= 1 and trained["generation/mean_tokens"] > 0
   assert 0 <= trained["safety/flagged_rate"] <= 1
