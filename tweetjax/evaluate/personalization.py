@@ -29,7 +29,7 @@ import optax
 from tweetjax.evaluate import eval_sets
 from tweetjax.evaluate import metrics as metrics_lib
 from tweetjax.evaluate.common import EvalContext, normalize_texts
-from tweetjax.evaluate.probe import Standardizer, unit
+from tweetjax.evaluate.probe import Standardizer, fit_adam, unit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,23 +50,13 @@ class RankingHead:
     target_UxC = jnp.asarray(gains_UxC / np.maximum(engaged_U, 1)[:, None], jnp.float32)
     counts_U = jnp.asarray(engaged_U > 0, jnp.float32)
     w = jax.random.normal(jax.random.key(seed), (D, dim)) / np.sqrt(D)
-    tx = optax.adam(learning_rate)
 
     def loss_fn(w):
       logits_UxC = jnp.einsum("ue,uce->uc", unit(users @ w), unit(cands @ w)) / temperature
       loss_U = optax.softmax_cross_entropy(logits_UxC, target_UxC)
       return jnp.sum(loss_U * counts_U) / jnp.maximum(jnp.sum(counts_U), 1.0)
 
-    @jax.jit
-    def train(w):
-      def step(carry, _):
-        w, opt = carry
-        updates, opt = tx.update(jax.grad(loss_fn)(w), opt, w)
-        return (optax.apply_updates(w, updates), opt), None
-      (w, _), _ = jax.lax.scan(step, (w, tx.init(w)), None, length=steps)
-      return w
-
-    return cls(standardize, np.asarray(jax.device_get(train(w))))
+    return cls(standardize, np.asarray(fit_adam(loss_fn, w, steps=steps, learning_rate=learning_rate)))
 
   def scores(self, users_UxD: np.ndarray, candidates_UxCxD: np.ndarray) -> np.ndarray:
     zu_UxE = unit(self.standardize(users_UxD) @ self.w_DxE)

@@ -1,4 +1,5 @@
-"""Linear heads trained in JAX/optax on frozen pooled features: the flagging probe and the search head.
+"""Linear heads trained in JAX/optax on frozen pooled features: the flagging probe and the search head (and, through
+`fit_adam`, the personalization ranking head).
 
 Dims: N examples, D feature dim, C labels, E head output dim, B batch.
 Both are tiny next to the model, so they train on the default device, full batch (probe) or in minibatches (head).
@@ -7,6 +8,7 @@ Both are tiny next to the model, so they train on the default device, full batch
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,26 @@ def unit(x: jax.Array | np.ndarray):
   """Rows scaled to unit L2 norm (numpy or jax arrays); a zero row stays zero."""
   xp = jnp if isinstance(x, jax.Array) else np
   return x / xp.maximum(xp.linalg.norm(x, axis=-1, keepdims=True), 1e-9)
+
+
+def fit_adam(loss_fn: Callable[..., jax.Array], params: Any, *, steps: int, learning_rate: float,
+             rng: jax.Array | None = None) -> Any:
+  """`steps` Adam steps on `loss_fn(params)`, or on `loss_fn(params, key)` with a fresh key per step when `rng` is
+  given (minibatch sampling); one jitted scan, so a head trains in one dispatch. Returns the params on the host."""
+  tx = optax.adam(learning_rate)
+  keys = None if rng is None else jax.random.split(rng, steps)
+
+  @jax.jit
+  def train(params, keys):
+    def step(carry, key):
+      p, opt = carry
+      grads = jax.grad(loss_fn)(p) if key is None else jax.grad(loss_fn)(p, key)
+      updates, opt = tx.update(grads, opt, p)
+      return (optax.apply_updates(p, updates), opt), None
+    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), keys, length=steps)
+    return params
+
+  return jax.device_get(train(params, keys))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,24 +72,13 @@ class LogisticProbe:
     pos_C = jnp.clip(y.mean(0), 1e-3, 1 - 1e-3)
     weight_NxC = y * (0.5 / pos_C) + (1 - y) * (0.5 / (1 - pos_C))
     params = {"w": jnp.zeros((x.shape[1], y.shape[1])), "b": jnp.zeros((y.shape[1],))}
-    tx = optax.adam(learning_rate)
 
     def loss_fn(p):
       logits = x @ p["w"] + p["b"]
       ce = optax.sigmoid_binary_cross_entropy(logits, y)
       return jnp.mean(jnp.sum(ce * weight_NxC, 1)) + l2 * jnp.sum(p["w"] ** 2)
 
-    @jax.jit
-    def train(params):
-      def step(carry, _):
-        p, opt = carry
-        grads = jax.grad(loss_fn)(p)
-        updates, opt = tx.update(grads, opt, p)
-        return (optax.apply_updates(p, updates), opt), None
-      (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
-      return params
-
-    params = jax.device_get(train(params))
+    params = fit_adam(loss_fn, params, steps=steps, learning_rate=learning_rate)
     return cls(standardize, np.asarray(params["w"]), np.asarray(params["b"]))
 
   def logits(self, x_NxD: np.ndarray) -> np.ndarray:
@@ -92,27 +103,17 @@ class ContrastiveHead:
     B = min(batch_size, N)
     rng = jax.random.key(seed)
     w = jax.random.normal(rng, (D, dim)) / np.sqrt(D)
-    tx = optax.adam(learning_rate)
 
-    def loss_fn(w, q, t):
+    def loss_fn(w, key):
+      idx = jax.random.choice(key, N, (B,), replace=False)
+      q, t = q_all[idx], t_all[idx]
       logits_BxB = unit(q @ w) @ unit(t @ w).T / temperature
-      labels = jnp.arange(q.shape[0])
+      labels = jnp.arange(B)
       return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits_BxB, labels).mean()
                     + optax.softmax_cross_entropy_with_integer_labels(logits_BxB.T, labels).mean())
 
-    @jax.jit
-    def train(w, rng):
-      def step(carry, key):
-        w, opt = carry
-        idx = jax.random.choice(key, N, (B,), replace=False)
-        grads = jax.grad(loss_fn)(w, q_all[idx], t_all[idx])
-        updates, opt = tx.update(grads, opt, w)
-        return (optax.apply_updates(w, updates), opt), None
-      (w, _), _ = jax.lax.scan(step, (w, tx.init(w)), jax.random.split(rng, steps))
-      return w
-
-    w = train(w, jax.random.fold_in(rng, 1))
-    return cls(standardize, np.asarray(jax.device_get(w)))
+    w = fit_adam(loss_fn, w, steps=steps, learning_rate=learning_rate, rng=jax.random.fold_in(rng, 1))
+    return cls(standardize, np.asarray(w))
 
   def __call__(self, x_NxD: np.ndarray) -> np.ndarray:
     return self.standardize(x_NxD) @ self.w_DxE
