@@ -1,5 +1,6 @@
 """Two JAX processes on 127.0.0.1 (4 CPU devices each) train tiny on the 8-device global mesh through
-tools/launch_local.py + tools/train.py, and log the same losses as one process with 8 devices.
+tools/launch_local.py + tools/train.py, and log the same losses as one process with 8 devices; a SIGTERM to one of
+them stops both after the same step with one checkpoint, from which the pair resumes onto the uninterrupted losses.
 
 Each process builds only its addressable shards of every global batch (the synthetic stream's
 `make_array_from_callback`), so this is the multi-host data path; cross-process collectives use gloo (jax 0.10.2's
@@ -9,8 +10,11 @@ collectives differs.
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -60,3 +64,72 @@ def test_two_processes_match_one(tmp_path):
   # Both processes checkpointed together at the end (orbax across processes).
   assert os.path.isdir(multi / "checkpoints" / str(_STEPS))
   assert load_config("tiny").mesh.to_dict() == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+
+
+def _run_single(workdir, overrides) -> list[float]:
+  env = _clean_env()
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  train = [os.path.join(REPO, "tools", "train.py"), "--config=" + os.path.join(REPO, "experiments", "tiny.py")]
+  proc = subprocess.run([sys.executable] + train + [f"--workdir={workdir}"] + overrides, cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return _losses(workdir)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_path):
+  train = [os.path.join(REPO, "tools", "train.py"), "--config=" + os.path.join(REPO, "experiments", "tiny.py")]
+  workdir = tmp_path / "multi"
+  # The schedule is fixed at 400 steps whatever train.steps is, so the resumed run and the reference can stop early.
+  overrides = [o for o in _OVERRIDES if not o.startswith("--config.train.steps")] + [
+      "--config.optimizer.decay_steps=400", f"--workdir={workdir}"]
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs, logs = [], []
+  for i in range(2):
+    env = _clean_env()
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    logs.append(open(tmp_path / f"process_{i}.log", "w+"))
+    procs.append(subprocess.Popen([sys.executable] + train + overrides + ["--config.train.steps=400"], cwd=REPO,
+                                  env=env, stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+  try:
+    deadline = time.monotonic() + 400
+    metrics = workdir / "metrics.jsonl"
+    while (metrics.read_text().count("\n") if metrics.exists() else 0) < 3:  # whole rows only
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "training did not start"
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # only process 1 is told: the agreement must stop process 0 too
+    for p in procs:
+      p.wait(timeout=300)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outputs = []
+  for log in logs:
+    log.seek(0)
+    outputs.append(log.read())
+    log.close()
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  stopped = [int(o.split("preempted: stopping after step ")[1].split()[0]) for o in outputs]
+  assert stopped[0] == stopped[1] and 3 <= stopped[0] < 400, stopped
+  step = stopped[0]
+  assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [step]
+  assert "received signal" in outputs[1] and "received signal" not in outputs[0]
+  assert len(_losses(workdir)) == step
+
+  # Both processes resume from the checkpoint (each with its own data-iterator state) and run two more steps.
+  resumed_steps = f"--config.train.steps={step + 2}"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tools", "launch_local.py"), "--num_processes=2",
+       "--devices_per_process=4", "--timeout_s=500", "--"] + train + overrides + [resumed_steps],
+      cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+  assert proc.stdout.count(f"resuming at step {step}") == 2
+  expected = _run_single(tmp_path / "single", [o for o in overrides if not o.startswith("--workdir")]
+                         + [resumed_steps, f"--workdir={tmp_path / 'single'}"])
+  got = _losses(workdir)
+  assert len(got) == len(expected) == step + 2
+  assert got == pytest.approx(expected, rel=1e-5)
