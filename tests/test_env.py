@@ -11,6 +11,14 @@ def test_fake_device_count_reads_the_last_flag():
   assert env.fake_device_count("--xla_force_host_platform_device_count=3 --xla_force_host_platform_device_count=8") == 8
 
 
+def test_with_fake_devices_replaces_the_count_and_keeps_other_flags():
+  flags = "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/d"
+  out = env.with_fake_devices(flags, 4)
+  assert out.split() == ["--xla_cpu_enable_fast_math=false", "--xla_dump_to=/tmp/d",
+                         "--xla_force_host_platform_device_count=4"]
+  assert env.fake_device_count(out) == 4 and env.fake_device_count(env.with_fake_devices("", 2)) == 2
+
+
 def test_fake_devices_get_a_thread_pool_large_enough_for_their_collectives():
   # A pool of 12 threads deadlocked tiny's 8-device step within 300 steps on 2 cores (perf/env.py); 32 is the size.
   environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}

@@ -21,6 +21,8 @@ import time
 
 from absl import app, flags
 
+from tweetjax.perf.env import with_fake_devices
+
 _NUM = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
 _DEVICES = flags.DEFINE_integer("devices_per_process", 4, "Fake CPU devices per process (0: leave XLA_FLAGS).")
 _PORT = flags.DEFINE_integer("port", 0, "Coordinator port (0: a free one).")
@@ -38,8 +40,7 @@ def process_env(process_id: int, num_processes: int, port: int, devices: int) ->
   env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
              JAX_PROCESS_ID=str(process_id))
   if devices:
-    flags_ = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join(flags_ + [f"--xla_force_host_platform_device_count={devices}"])
+    env["XLA_FLAGS"] = with_fake_devices(env.get("XLA_FLAGS", ""), devices)
     env.setdefault("JAX_PLATFORMS", "cpu")
   return env
 

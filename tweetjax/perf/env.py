@@ -81,6 +81,12 @@ def fake_device_count(xla_flags: str) -> int:
   return int(counts[-1]) if counts else 1
 
 
+def with_fake_devices(xla_flags: str, devices: int) -> str:
+  """`xla_flags` with its fake CPU device count (if any) replaced by `devices` (for a child process's env)."""
+  kept = [f for f in xla_flags.split() if flag_name(f) != _DEVICE_COUNT_FLAG]
+  return " ".join(kept + [f"{_DEVICE_COUNT_FLAG}={int(devices)}"])
+
+
 def size_cpu_thread_pool(environ=os.environ) -> int | None:
   """Sets PJRT_NPROC for fake CPU devices (see THREADS_PER_FAKE_DEVICE) unless it is set; returns the size set.
 

@@ -17,7 +17,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -28,13 +27,13 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 from absl import logging
 
+from tweetjax.perf.env import with_fake_devices
 from tweetjax.sweep import spec
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "tools", "train.py")
 DONE, FAILED, EVENTS, LOCK = "done.json", "failed.json", "sweep_events.jsonl", ".lock"
 STDERR_TAIL_CHARS = 4000
-_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
 
 @dataclasses.dataclass
@@ -147,8 +146,7 @@ def point_env(point: Point, platform: str, gpu_ids: Sequence[int] | None = None,
   """The subprocess environment: on CPU, as many (fake) host devices as the point's mesh; on GPU, its GPUs."""
   env = dict(os.environ if base_env is None else base_env)
   if platform == "cpu":
-    flags = _DEVICE_COUNT_FLAG.sub("", env.get("XLA_FLAGS", "")).split()
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={point.devices}"])
+    env["XLA_FLAGS"] = with_fake_devices(env.get("XLA_FLAGS", ""), point.devices)
     env["JAX_PLATFORMS"] = "cpu"
   elif gpu_ids is not None:
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)
@@ -159,7 +157,7 @@ def env_overrides(point: Point, platform: str) -> dict[str, str]:
   """The environment variables point_env sets (for emitted launch scripts)."""
   if platform != "cpu":
     return {}
-  return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={point.devices}", "JAX_PLATFORMS": "cpu"}
+  return {"XLA_FLAGS": with_fake_devices("", point.devices), "JAX_PLATFORMS": "cpu"}
 
 
 def _die_with_parent():
