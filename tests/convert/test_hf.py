@@ -18,7 +18,6 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from tests.helpers import load_config  # noqa: E402
 from tweetjax.convert import hf as hfconv  # noqa: E402
 from tweetjax.convert import hf_config  # noqa: E402
-from tweetjax.convert.hf_params import mask_padded_logits  # noqa: E402
 from tweetjax.convert.safetensors_io import CheckpointFileError  # noqa: E402
 from tweetjax.model.config import ModelConfig  # noqa: E402
 from tweetjax.parallel.rules import mesh_context  # noqa: E402
@@ -83,11 +82,18 @@ def test_import_logits_match_transformers(imported):
   diff = np.abs(logits[..., :vocab] - expected).max()
   assert diff <= 1e-4, f"{imported['name']}: max |logits - HF logits| = {diff}"
   if vocab < logits.shape[-1]:
-    # Padding rows are zero: their logits are exactly 0, and masking removes them from any argmax.
-    np.testing.assert_array_equal(logits[..., vocab:], 0.0)
-    masked = np.asarray(mask_padded_logits(logits, vocab))
-    assert np.all(np.isneginf(masked[..., vocab:]))
-    np.testing.assert_array_equal(masked[..., :vocab], logits[..., :vocab])
+    # The import sets config.model.valid_vocab_size, so the padding ids' logits are masked in the model itself.
+    assert imported["config"].model.valid_vocab_size == vocab
+    np.testing.assert_array_equal(logits[..., vocab:], np.finfo(logits.dtype).min)
+  # Hence the same next-token loss as HF's over its own vocab (unmasked, the 6 padding ids' zero logits add
+  # 0.017 nats to this random model's loss).
+  log_z_BxL = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  next_BxL = np.take_along_axis(logits[:, :-1], imported["ids"][:, 1:, None], -1)[..., 0]
+  ours = np.mean(log_z_BxL[:, :-1] - next_BxL)
+  with torch.no_grad():
+    theirs = imported["model"](torch.tensor(imported["ids"], dtype=torch.long),
+                               labels=torch.tensor(imported["ids"], dtype=torch.long)).loss.item()
+  assert ours == pytest.approx(theirs, rel=1e-5)
 
 
 def test_import_record_and_experiment_config(imported):
@@ -229,7 +235,9 @@ def test_only_safetensors_are_read(tmp_path):
 def test_unsupported_hf_configs_are_refused(change, message):
   hf = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "vocab_size": 250}
-  assert hf_config.model_overrides_from_hf(hf)["vocab_size"] == 256
+  overrides = hf_config.model_overrides_from_hf(hf)
+  assert (overrides["vocab_size"], overrides["valid_vocab_size"]) == (256, 250)
+  assert hf_config.model_overrides_from_hf({**hf, "vocab_size": 256})["valid_vocab_size"] == 0  # no padding
   with pytest.raises(hf_config.HFConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
     hf_config.model_overrides_from_hf({**hf, **change})
 

@@ -165,10 +165,13 @@ def _fresh_data_state(config: ml_collections.ConfigDict, experiment) -> Any:
 
 def _check_model_matches(config: ml_collections.ConfigDict, overrides: dict[str, Any], hf_vocab_size: int,
                          source: str) -> None:
-  """The experiment's model must be the HF model; only its vocab may be larger (padding)."""
-  wrong = {k: (config.model[k], v) for k, v in overrides.items() if k != "vocab_size" and config.model[k] != v}
+  """The experiment's model must be the HF model; only its vocab may be larger (padding, masked in the logits)."""
+  vocab_keys = ("vocab_size", "valid_vocab_size")
+  wrong = {k: (config.model[k], v) for k, v in overrides.items() if k not in vocab_keys and config.model[k] != v}
   if config.model.vocab_size < hf_vocab_size:
     wrong["vocab_size"] = (config.model.vocab_size, f">= {hf_vocab_size}")
+  elif (config.model.valid_vocab_size or config.model.vocab_size) != hf_vocab_size:
+    wrong["valid_vocab_size"] = (config.model.valid_vocab_size, hf_vocab_size)
   if wrong:
     raise ValueError(f"config.model does not describe the model in {source}: " +
                      ", ".join(f"{k}={a!r} (HF config implies {b!r})" for k, (a, b) in sorted(wrong.items())))

@@ -92,8 +92,10 @@ def model_overrides_from_hf(hf: Mapping[str, Any], *, vocab_multiple: int = DEFA
     raise HFConfigError(f"{source}: missing required keys {missing}")
   d_model, num_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
   head_dim = hf.get("head_dim") or d_model // num_heads
+  vocab_size = padded_vocab_size(int(hf["vocab_size"]), vocab_multiple)
   return dict(
-      vocab_size=padded_vocab_size(int(hf["vocab_size"]), vocab_multiple),
+      vocab_size=vocab_size,
+      valid_vocab_size=int(hf["vocab_size"]) if vocab_size > int(hf["vocab_size"]) else 0,
       d_model=d_model,
       num_layers=int(hf["num_hidden_layers"]),
       num_heads=num_heads,

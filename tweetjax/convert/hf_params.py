@@ -9,7 +9,7 @@ HF stores torch Linear weights as [out, in]; tweetjax stores kernels as [in, out
   embed_tokens [Vhf, D] -> embedding [V, D]               lm_head [Vhf, D] -> lm_head [D, V]
 HF's Llama q/k projections already produce the rotate-half RoPE layout tweetjax uses (the permutation from Meta's
 interleaved layout happens in HF's own conversion script), so no head-dim permutation is applied here; the logits
-parity test pins this. Vocab rows beyond Vhf are zero: their logits are exactly 0 (see `mask_padded_logits`).
+parity test pins this. Vocab rows beyond Vhf are zero; the model masks their logits (config.model.valid_vocab_size).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import re
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tweetjax.convert.safetensors_io import CheckpointFileError
@@ -198,9 +197,3 @@ def to_hf_tensor(tensor: TensorMap, layer_param: np.ndarray, hf_vocab: int) -> n
   if kind == "lm_head":
     return x[:, :hf_vocab].T
   raise ValueError(f"unknown tensor kind {kind!r}")
-
-
-def mask_padded_logits(logits_BxLxV: jax.Array, hf_vocab_size: int) -> jax.Array:
-  """Sets the logits of vocab-padding ids (>= hf_vocab_size) to -inf, so no argmax or sample can pick them."""
-  vocab_ids_V = jnp.arange(logits_BxLxV.shape[-1])
-  return jnp.where(vocab_ids_V < hf_vocab_size, logits_BxLxV, -jnp.inf).astype(logits_BxLxV.dtype)

@@ -16,6 +16,9 @@ MOE_IMPLS = ("expert_parallel", "dense")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = 1024
+  # Ids >= valid_vocab_size are vocab padding (e.g. an imported HF vocab rounded up for sharding): their logits are
+  # masked, so losses, perplexity and samples are over the real vocab only. 0: every id is real.
+  valid_vocab_size: int = 0
   d_model: int = 64
   num_layers: int = 2
   num_heads: int = 8
@@ -54,6 +57,9 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"config.model.num_heads={self.num_heads} is not a multiple of "
                        f"config.model.num_kv_heads={self.num_kv_heads}")
+    if not 0 <= self.valid_vocab_size <= self.vocab_size:
+      raise ValueError(f"config.model.valid_vocab_size={self.valid_vocab_size}: expected 0 (no padding) up to "
+                       f"config.model.vocab_size={self.vocab_size}")
     if self.head_dim % 2:
       raise ValueError(f"config.model.head_dim={self.head_dim}: RoPE needs an even head dimension")
     if self.attention_impl == "cudnn" and self.attn_logit_softcap:

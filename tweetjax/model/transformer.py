@@ -109,6 +109,10 @@ class Transformer(nn.Module):
     if cfg.final_logit_softcap:
       cap = cfg.final_logit_softcap
       logits_BxLxV = (cap * jnp.tanh(logits_BxLxV.astype(jnp.float32) / cap)).astype(logits_BxLxV.dtype)
+    if 0 < cfg.valid_vocab_size < cfg.vocab_size:
+      # The most negative finite value, not -inf: exp gives exactly 0 and p * log p stays 0 instead of NaN.
+      real_V = jnp.arange(cfg.vocab_size) < cfg.valid_vocab_size
+      logits_BxLxV = jnp.where(real_V, logits_BxLxV, jnp.finfo(logits_BxLxV.dtype).min)
     logits_BxLxV = constrain(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
     if return_hidden:
       return logits_BxLxV, hidden_BxLxD
