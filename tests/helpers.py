@@ -11,6 +11,15 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def process_env() -> dict[str, str]:
+  """The environment for a tool run as a subprocess on the CPU, without this process's fake-device or
+  multi-process settings (the test or tools/launch_local.py sets those)."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "PJRT_NPROC")}
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
 def load_config(name: str, arg: str | None = None):
   """experiments/<name>.py's get_config(arg), unlocked so tests can adjust it."""
   path = os.path.join(REPO, "experiments", f"{name}.py")

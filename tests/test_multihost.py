@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, load_config
+from tests.helpers import REPO, load_config, process_env
 
 _STEPS = 3
 _OVERRIDES = [f"--config.train.steps={_STEPS}", "--config.train.log_every=1", "--config.checkpoint.every_steps=0",
@@ -32,13 +32,6 @@ def _losses(workdir) -> list[float]:
   return [row["loss"] for row in rows if "loss" in row]
 
 
-def _clean_env() -> dict:
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
-
-
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   train = [os.path.join(REPO, "tools", "train.py"), "--config=" + os.path.join(REPO, "experiments", "tiny.py")]
@@ -46,12 +39,12 @@ def test_two_processes_match_one(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "tools", "launch_local.py"), "--num_processes=2",
        "--devices_per_process=4", "--timeout_s=500", "--"] + train + [f"--workdir={multi}"] + _OVERRIDES,
-      cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=600)
+      cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
   assert "process 1 of 2" in proc.stdout and "4 local / 8 global devices" in proc.stdout
 
   single = tmp_path / "single"
-  env = _clean_env()
+  env = process_env()
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   proc = subprocess.run([sys.executable] + train + [f"--workdir={single}"] + _OVERRIDES, cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
@@ -67,7 +60,7 @@ def test_two_processes_match_one(tmp_path):
 
 
 def _run_single(workdir, overrides) -> list[float]:
-  env = _clean_env()
+  env = process_env()
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   train = [os.path.join(REPO, "tools", "train.py"), "--config=" + os.path.join(REPO, "experiments", "tiny.py")]
   proc = subprocess.run([sys.executable] + train + [f"--workdir={workdir}"] + overrides, cwd=REPO, env=env,
@@ -88,7 +81,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_p
     port = s.getsockname()[1]
   procs, logs = [], []
   for i in range(2):
-    env = _clean_env()
+    env = process_env()
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
                XLA_FLAGS="--xla_force_host_platform_device_count=4")
     logs.append(open(tmp_path / f"process_{i}.log", "w+"))
@@ -125,7 +118,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_p
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "tools", "launch_local.py"), "--num_processes=2",
        "--devices_per_process=4", "--timeout_s=500", "--"] + train + overrides + [resumed_steps],
-      cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=600)
+      cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
   assert proc.stdout.count(f"resuming at step {step}") == 2
   expected = _run_single(tmp_path / "single", [o for o in overrides if not o.startswith("--workdir")]

@@ -10,7 +10,9 @@ writes <workdir>/eval/<job>/<step>.json plus TensorBoard scalars under <workdir>
 until the final step (config.train.steps) is done or config.eval.follow_idle_timeout_s passes without a new one.
 """
 
+import jax
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from tweetjax.evaluate import common, eval_sets, runner
@@ -32,11 +34,14 @@ def main(argv):
   env.setup_environment(config)  # XLA flags and multi-process start-up, before JAX touches a device
   if _BUILD.value:
     out_dir = eval_sets.data_dir_of(config)
-    counts = eval_sets.build_eval_sets(str(config.data.dataset_dir), out_dir, seed=int(config.seed),
-                                       overwrite=_OVERWRITE.value)
-    print(f"eval sets in {out_dir}:")
-    for name, count in counts.items():
-      print(f"  {name:<24} {count:6d} records")
+    if jax.process_index() == 0:  # one writer; the other processes of a multi-process job wait for the files
+      counts = eval_sets.build_eval_sets(str(config.data.dataset_dir), out_dir, seed=int(config.seed),
+                                         overwrite=_OVERWRITE.value)
+      print(f"eval sets in {out_dir}:")
+      for name, count in counts.items():
+        print(f"  {name:<24} {count:6d} records")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("tweetjax_eval_sets_built")
     if not _JOB.value:
       return
   if not _JOB.value or not _WORKDIR.value:

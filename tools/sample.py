@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 from tweetjax.evaluate import common
 from tweetjax.model.decode import SamplingConfig, Sampler, generate_text
+from tweetjax.perf import env
 from tweetjax.train.experiment import build_experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -30,6 +31,7 @@ _NO_CACHE = flags.DEFINE_bool("no_cache", False, "Recompute the whole sequence e
 def main(argv):
   del argv
   config = _CONFIG.value
+  env.setup_environment(config)  # XLA flags and multi-process start-up, before JAX touches a device
   pick = lambda flag, default: default if flag.value is None else flag.value
   tokenizer = common.load_tokenizer(config)
   sampling = SamplingConfig(max_new_tokens=int(pick(_MAX_NEW, config.eval.max_new_tokens)),

@@ -30,22 +30,23 @@ class Setup:
   untrained_step: int = 0
 
 
+def eval_overrides(dataset_dir: str, eval_dir: str) -> dict[str, object]:
+  """tiny's config keys the evaluation tests change (in-process configs and tool command lines alike)."""
+  return {
+      "data.source": "tweets", "data.dataset_dir": dataset_dir, "data.tokenizer_path": TOKENIZER,
+      "train.steps": TRAIN_STEPS, "optimizer.learning_rate": LEARNING_RATE, "optimizer.warmup_steps": 10,
+      "eval.data_dir": eval_dir, "eval.batch_size": 32, "eval.max_len": 128, "eval.probe_steps": 200,
+      # Zero-shot flagging is checked directly (test_jobs.py); it triples the job's forward passes.
+      "eval.flagging_zero_shot": False,
+      "eval.search_head_steps": 150, "eval.personalization_head_steps": 150, "eval.max_new_tokens": 24,
+  }
+
+
 def eval_config(dataset_dir: str, eval_dir: str):
   config = load_config("tiny")
-  config.data.source = "tweets"
-  config.data.dataset_dir = dataset_dir
-  config.data.tokenizer_path = TOKENIZER
-  config.train.steps = TRAIN_STEPS
-  config.optimizer.learning_rate = LEARNING_RATE
-  config.optimizer.warmup_steps = 10
-  config.eval.data_dir = eval_dir
-  config.eval.batch_size = 32
-  config.eval.max_len = 128
-  config.eval.probe_steps = 200
-  config.eval.flagging_zero_shot = False  # checked directly (test_jobs.py); it triples the job's forward passes
-  config.eval.search_head_steps = 150
-  config.eval.personalization_head_steps = 150
-  config.eval.max_new_tokens = 24
+  for key, value in eval_overrides(dataset_dir, eval_dir).items():
+    section, name = key.split(".")
+    config[section][name] = value
   return config
 
 

@@ -5,6 +5,8 @@ checkpoints and skips evaluated ones."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 
 import jax
@@ -158,3 +160,28 @@ def test_follow_picks_up_new_checkpoints_and_skips_done_ones(evaluator, setup, t
   assert common.done_steps(workdir, "perplexity") == {0, setup.trained_step}
   # A restarted follower has nothing left to do.
   assert runner.follow(follower, "perplexity", poll_s=0, last_step=setup.trained_step) == []
+
+
+def test_two_processes_evaluate_like_one(evaluator, setup, tmp_path):
+  """tools/evaluate.py as a 2-process job (4 CPU devices each, tools/launch_local.py): every process builds the same
+  host batches and feeds its own shards; results equal the in-process 8-device evaluation (1e-5 relative)."""
+  from tests.evaluate.conftest import eval_overrides
+  from tests.helpers import REPO, process_env
+
+  workdir = tmp_path / "run"
+  shutil.copytree(os.path.join(setup.workdir, "checkpoints"), workdir / "checkpoints")
+  flags = [f"--config.{k}={v}" for k, v in eval_overrides(setup.dataset_dir, setup.eval_dir).items()]
+  for job, keys in (("search", ("raw/mrr", "head/mrr", "head/recall@10")),
+                    ("adcopy", ("reference/nll_per_token",))):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "launch_local.py"), "--num_processes=2",
+         "--devices_per_process=4", "--timeout_s=400", "--", os.path.join(REPO, "tools", "evaluate.py"),
+         "--config=" + os.path.join(REPO, "experiments", "tiny.py"), f"--workdir={workdir}", f"--job={job}",
+         f"--checkpoint_step={setup.trained_step}"] + flags,
+        cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert proc.stdout.count(f"{job} @ step {setup.trained_step}") == 2  # both processes ran it
+    got = json.load(open(common.results_path(str(workdir), job, setup.trained_step)))["metrics"]
+    _, expected, _ = evaluator.evaluate(job, setup.trained_step, write=False)
+    for key in keys:
+      assert got[key] == pytest.approx(expected[key], rel=1e-5), key

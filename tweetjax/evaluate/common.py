@@ -29,7 +29,8 @@ from absl import logging
 
 from tweetjax.data import normalize
 from tweetjax.data.tokenizer import Tokenizer
-from tweetjax.parallel.rules import axis_size, batch_sharding, mesh_axes_of, mesh_context, replicated
+from tweetjax.parallel.rules import (axis_size, batch_sharding, host_to_global, mesh_axes_of, mesh_context,
+                                     replicated)
 from tweetjax.parallel.shard_map_ops import vocab_parallel_cross_entropy
 from tweetjax.train.experiment import Experiment
 
@@ -135,7 +136,7 @@ class TextScorer:
       pooled_BxD = pooled_BxD / jnp.maximum(jnp.sum(pool_BxL, axis=1, keepdims=True), 1.0)
       return ll_B, pooled_BxD
 
-    rows = batch_sharding(mesh)
+    rows = self._rows = batch_sharding(mesh)
     self._forward = jax.jit(forward, in_shardings=(experiment.layout.param_shardings, rows),
                             out_shardings=replicated(mesh))
 
@@ -162,7 +163,8 @@ class TextScorer:
         batch["weights"][row, max(scored_from[i] - 1, 0):m] = 1.0
         batch["pool"][row, pool_from[i]:m] = 1.0
       with mesh_context(self.experiment.mesh, self.experiment.rules):
-        ll_B, pooled_BxD = jax.device_get(self._forward(params, batch))
+        global_batch = {k: host_to_global(v, self._rows) for k, v in batch.items()}
+        ll_B, pooled_BxD = jax.device_get(self._forward(params, global_batch))
       ll_N[idx] = ll_B[:len(idx)]
       pooled_NxD[idx] = pooled_BxD[:len(idx)]
     return ll_N, pooled_NxD
@@ -239,8 +241,13 @@ def _jsonable(x: Any) -> Any:
 
 def write_results(workdir: str, job: str, step: int, metrics: dict[str, float], details: dict[str, Any] | None = None,
                   tensorboard: bool = True) -> str:
-  """Writes `<workdir>/eval/<job>/<step>.json` atomically and the scalars to TensorBoard; returns the JSON path."""
+  """Writes `<workdir>/eval/<job>/<step>.json` atomically and the scalars to TensorBoard; returns the JSON path.
+
+  Process 0 writes; the other processes of a multi-process job computed the same results and only return the path.
+  """
   path = results_path(workdir, job, step)
+  if jax.process_index() != 0:
+    return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
   record = {"job": job, "step": int(step), "metrics": _jsonable(metrics), "details": _jsonable(details or {})}
   tmp = f"{path}.tmp-{os.getpid()}"

@@ -20,6 +20,7 @@ from absl import logging
 
 from tweetjax.evaluate import metrics as metrics_lib
 from tweetjax.evaluate.common import EvalContext, normalize_texts
+from tweetjax.parallel.rules import batch_sharding, host_to_global
 
 
 def run(ctx: EvalContext) -> tuple[dict[str, float], dict[str, Any]]:
@@ -36,8 +37,9 @@ def run(ctx: EvalContext) -> tuple[dict[str, float], dict[str, Any]]:
   eval_step = ctx.cached("eval_step", ctx.experiment.eval_step)
   max_batches = int(config.eval.perplexity_max_batches)
   nats, tokens, num_batches = 0.0, 0.0, 0
-  for batch in batches:
-    sums = jax.device_get(eval_step(ctx.params, batch))
+  rows = batch_sharding(ctx.experiment.mesh)
+  for batch in batches:  # every process reads the same global batches (one pass over a small split)
+    sums = jax.device_get(eval_step(ctx.params, {k: host_to_global(v, rows) for k, v in batch.items()}))
     nats += float(sums["ce_sum"])
     tokens += float(sums["tokens"])
     num_batches += 1

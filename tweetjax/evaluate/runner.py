@@ -10,8 +10,11 @@ import importlib
 import time
 from typing import Any, Callable
 
+import jax
 import ml_collections
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from tweetjax.evaluate import common
 from tweetjax.train.experiment import Experiment, build_experiment
@@ -64,17 +67,31 @@ def follow(evaluator: Evaluator, job: str, *, poll_s: float = 30.0, idle_timeout
   idle_since = time.monotonic()
   while True:
     done = common.done_steps(evaluator.workdir, job)
-    todo = [s for s in common.checkpoint_steps(evaluator.workdir) if s not in done]
-    for step in todo:
+    todo = [s for s in common.checkpoint_steps(evaluator.workdir) if s not in done and s not in evaluated]
+    finished = last_step is not None and last_step in done
+    idle = not todo and bool(idle_timeout_s) and time.monotonic() - idle_since > idle_timeout_s
+    step, stop = _agreed(todo[0] if todo else -1, finished or idle)
+    if step >= 0:
       step, metrics, _ = evaluator.evaluate(job, step)
       evaluated.append(step)
+      idle_since = time.monotonic()
       if on_result:
         on_result(step, metrics)
-    if todo:
-      idle_since = time.monotonic()
-    if last_step is not None and last_step in common.done_steps(evaluator.workdir, job):
-      return evaluated
-    if idle_timeout_s and time.monotonic() - idle_since > idle_timeout_s:
-      logging.info("follow %s: no new checkpoint for %.0fs; stopping", job, idle_timeout_s)
+      continue
+    if stop:
+      if idle:
+        logging.info("follow %s: no new checkpoint for %.0fs; stopping", job, idle_timeout_s)
       return evaluated
     sleep(poll_s)
+
+
+def _agreed(step: int, stop: bool) -> tuple[int, bool]:
+  """Process 0's choice of the next step (-1: none) and whether to stop, on every process.
+
+  Evaluation is collective, so all processes must take the same step, and they may see a new checkpoint directory
+  (or a result file) at slightly different times.
+  """
+  if jax.process_count() == 1:
+    return step, stop
+  agreed = multihost_utils.broadcast_one_to_all(np.array([step, int(stop)], np.int32))
+  return int(agreed[0]), bool(agreed[1])

@@ -24,7 +24,7 @@ from tweetjax.evaluate import eval_sets
 from tweetjax.evaluate import metrics as metrics_lib
 from tweetjax.evaluate.common import EvalContext, normalize_texts
 from tweetjax.evaluate.probe import ContrastiveHead, unit
-from tweetjax.parallel.rules import BATCH_AXES, axis_size
+from tweetjax.parallel.rules import BATCH_AXES, axis_size, host_to_global, replicated
 
 
 @functools.partial(jax.jit, static_argnames=("k", "mesh"))
@@ -69,9 +69,10 @@ def exact_search(queries_QxE: np.ndarray, index_NxE: np.ndarray, relevant_Q: np.
   valid = np.arange(padded) < N
   axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or None
   rows = NamedSharding(mesh, P(axes)) if axes else NamedSharding(mesh, P())
-  scores, ids, ranks = _sharded_search(jnp.asarray(queries_QxE, jnp.float32), jax.device_put(index, rows),
-                                       jax.device_put(valid, rows), jnp.asarray(relevant_Q, jnp.int32), k=k,
-                                       mesh=mesh)
+  everywhere = replicated(mesh)
+  scores, ids, ranks = _sharded_search(host_to_global(np.asarray(queries_QxE, np.float32), everywhere),
+                                       host_to_global(index, rows), host_to_global(valid, rows),
+                                       host_to_global(np.asarray(relevant_Q, np.int32), everywhere), k=k, mesh=mesh)
   return tuple(np.asarray(jax.device_get(x)) for x in (scores, ids, ranks))
 
 

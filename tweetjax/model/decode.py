@@ -28,7 +28,8 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from tweetjax.model.attention import CACHE_AXES
-from tweetjax.parallel.rules import Rules, axis_size, batch_sharding, mesh_axes_of, mesh_context, replicated
+from tweetjax.parallel.rules import (Rules, axis_size, batch_sharding, host_to_global, mesh_axes_of, mesh_context,
+                                     replicated)
 
 PADDINGS = ("left", "right")
 
@@ -211,8 +212,10 @@ class Sampler:
       rows = batch_sharding(self.mesh)
       fn = functools.partial(_generate, self.model, sampling=sampling, use_cache=use_cache,
                              return_logits=return_logits, pad_id=self.pad_id, cache_dtype=self.cache_dtype)
-      self._compiled[key] = jax.jit(fn, in_shardings=(None, rows, rows, rows, rows, replicated(self.mesh)),
-                                    out_shardings=(rows, rows if return_logits else None))
+      # Outputs replicated: every process reads all the generated rows (multi-host sampling and evaluation).
+      everywhere = replicated(self.mesh)
+      self._compiled[key] = jax.jit(fn, in_shardings=(None, rows, rows, rows, rows, everywhere),
+                                    out_shardings=(everywhere, everywhere if return_logits else None))
     return self._compiled[key]
 
   def generate(self, params: Any, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -228,7 +231,8 @@ class Sampler:
     prompts = [list(p) for p in prompts] + [list(prompts[0])] * (batch - num)
     longest = max(len(p) for p in prompts)
     length = -(-longest // self.prompt_bucket) * self.prompt_bucket
-    host = pad_prompts(prompts, length, padding, self.pad_id)
+    rows = batch_sharding(self.mesh)
+    host = [host_to_global(x, rows) for x in pad_prompts(prompts, length, padding, self.pad_id)]
     with mesh_context(self.mesh, self.rules):
       tokens_BxT, logits_BxTxV = self._fn(sampling, use_cache, return_logits)(params, *host, rng)
     tokens_BxT = np.asarray(jax.device_get(tokens_BxT))[:num]

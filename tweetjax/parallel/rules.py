@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tweetjax.parallel.mesh import MESH_AXES
@@ -99,6 +100,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def host_to_global(x: Any, sharding: NamedSharding) -> jax.Array:
+  """A global array from a host array that every process holds in full (the same values everywhere).
+
+  Each process places only its addressable shards. On multi-process meshes jit refuses numpy inputs with non-trivial
+  shardings, so evaluation and sampling, which build their batches on every host alike, go through this.
+  """
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def axis_size(mesh: Mesh, axes: Sequence[str]) -> int:
