@@ -11,8 +11,8 @@ C assignments per expert, first choices before second choices, win; the rest are
 the residual stream carries them through the layer unchanged), an all-to-all over the expert axes sends each
 expert's rows to the device holding it, the local experts run on [X * C, D] rows, and a second all-to-all brings
 the results home. Expert weights are [E, D, F] sharded E on "experts", F on "mlp" (tensor): the down projection then
-ends in a psum over the tensor axes; their "embed" (FSDP) axis is gathered at the shard_map boundary like any FSDP
-weight. `dense_moe` (every expert on every token, weighted by the gates) is the reference the tests compare with.
+ends in a psum over the tensor axes; their d_model axis ("expert_embed": FSDP on `fsdp` only, as `expert` already
+holds E) is gathered at the shard_map boundary like any FSDP weight. `dense_moe` (every expert on every token, weighted by the gates) is the reference the tests compare with.
 
 Per-layer statistics are sown into the MOE_STATS collection; `tweetjax.train.step.LossFn` applies the model with
 that collection mutable and adds the weighted losses (see `loss_terms`).
@@ -207,9 +207,10 @@ class MoE(nn.Module):
     dt = cfg.compute_dtype
     # The router is small and every device needs all of it: no "experts" sharding.
     router_DxE = logical_param(self, "router", kernel_init(0, 1), (D, E), ("embed", None), cfg)
-    gate_ExDxF = logical_param(self, "gate", expert_kernel_init(1, 2), (E, D, F), ("experts", "embed", "mlp"), cfg)
-    up_ExDxF = logical_param(self, "up", expert_kernel_init(1, 2), (E, D, F), ("experts", "embed", "mlp"), cfg)
-    down_ExFxD = logical_param(self, "down", expert_kernel_init(1, 2), (E, F, D), ("experts", "mlp", "embed"), cfg)
+    in_axes, out_axes = ("experts", "expert_embed", "mlp"), ("experts", "mlp", "expert_embed")
+    gate_ExDxF = logical_param(self, "gate", expert_kernel_init(1, 2), (E, D, F), in_axes, cfg)
+    up_ExDxF = logical_param(self, "up", expert_kernel_init(1, 2), (E, D, F), in_axes, cfg)
+    down_ExFxD = logical_param(self, "down", expert_kernel_init(1, 2), (E, F, D), out_axes, cfg)
 
     logits_BxLxE = jnp.einsum("bld,de->ble", x_BxLxD.astype(jnp.float32), router_DxE.astype(jnp.float32))
     logits_BxLxE = constrain(logits_BxLxE, ("act_batch", "act_length", None))

@@ -25,7 +25,10 @@ BATCH_AXES = ("data", "fsdp", "expert")
 DEFAULT_RULES: Rules = (
     # Parameters.
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    # Dense weights shard d_model over `expert` too: its devices split the batch like `fsdp`'s (BATCH_AXES), so
+    # they are FSDP shards for everything but the experts, whose own axis already sits on `expert`.
+    ("embed", ("fsdp", "expert")),
+    ("expert_embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),

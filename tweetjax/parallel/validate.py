@@ -17,7 +17,7 @@ from tweetjax.parallel.rules import Rules, axis_size, mesh_axes_of
 # Which config key a logical dimension comes from, for error messages.
 LOGICAL_SOURCES = {
     "vocab": "model.vocab_size", "act_vocab": "model.vocab_size",
-    "embed": "model.d_model", "act_embed": "model.d_model",
+    "embed": "model.d_model", "act_embed": "model.d_model", "expert_embed": "model.d_model",
     "heads": "model.num_heads", "act_heads": "model.num_heads",
     "kv_heads": "model.num_kv_heads", "act_kv_heads": "model.num_kv_heads",
     "head_dim": "model.head_dim", "act_head_dim": "model.head_dim",
