@@ -13,10 +13,20 @@ def test_fake_device_count_reads_the_last_flag():
 
 def test_with_fake_devices_replaces_the_count_and_keeps_other_flags():
   flags = "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/d"
-  out = env.with_fake_devices(flags, 4)
-  assert out.split() == ["--xla_cpu_enable_fast_math=false", "--xla_dump_to=/tmp/d",
-                         "--xla_force_host_platform_device_count=4"]
-  assert env.fake_device_count(out) == 4 and env.fake_device_count(env.with_fake_devices("", 2)) == 2
+  out = env.with_fake_devices({"XLA_FLAGS": flags, "HOME": "/h"}, 4)
+  assert out["XLA_FLAGS"].split() == ["--xla_cpu_enable_fast_math=false", "--xla_dump_to=/tmp/d",
+                                      "--xla_force_host_platform_device_count=4"]
+  assert out["HOME"] == "/h" and env.fake_device_count(env.with_fake_devices({}, 2)["XLA_FLAGS"]) == 2
+
+
+def test_a_child_sizes_its_own_thread_pool_unless_the_user_set_one():
+  parent = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env.size_cpu_thread_pool(parent)  # what importing tweetjax did in the parent
+  child = env.with_fake_devices(parent, 64)
+  assert "PJRT_NPROC" not in child
+  assert env.size_cpu_thread_pool(child) == max(os.cpu_count() or 1, 4 * 64)
+  user = env.with_fake_devices({**parent, "PJRT_NPROC": "7"}, 64)
+  assert user["PJRT_NPROC"] == "7"
 
 
 def test_fake_devices_get_a_thread_pool_large_enough_for_their_collectives():

@@ -40,7 +40,7 @@ def process_env(process_id: int, num_processes: int, port: int, devices: int) ->
   env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
              JAX_PROCESS_ID=str(process_id))
   if devices:
-    env["XLA_FLAGS"] = with_fake_devices(env.get("XLA_FLAGS", ""), devices)
+    env = with_fake_devices(env, devices)
     env.setdefault("JAX_PLATFORMS", "cpu")
   return env
 

@@ -12,7 +12,8 @@ the residual stream carries them through the layer unchanged), an all-to-all ove
 expert's rows to the device holding it, the local experts run on [X * C, D] rows, and a second all-to-all brings
 the results home. Expert weights are [E, D, F] sharded E on "experts", F on "mlp" (tensor): the down projection then
 ends in a psum over the tensor axes; their d_model axis ("expert_embed": FSDP on `fsdp` only, as `expert` already
-holds E) is gathered at the shard_map boundary like any FSDP weight. `dense_moe` (every expert on every token, weighted by the gates) is the reference the tests compare with.
+holds E) is gathered at the shard_map boundary like any FSDP weight. `dense_moe` (every expert on every token,
+weighted by the gates) is the reference the tests compare with.
 
 Per-layer statistics are sown into the MOE_STATS collection; `tweetjax.train.step.LossFn` applies the model with
 that collection mutable and adds the weighted losses (see `loss_terms`).

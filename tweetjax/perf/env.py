@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from absl import logging
 
@@ -81,10 +81,24 @@ def fake_device_count(xla_flags: str) -> int:
   return int(counts[-1]) if counts else 1
 
 
-def with_fake_devices(xla_flags: str, devices: int) -> str:
-  """`xla_flags` with its fake CPU device count (if any) replaced by `devices` (for a child process's env)."""
-  kept = [f for f in xla_flags.split() if flag_name(f) != _DEVICE_COUNT_FLAG]
-  return " ".join(kept + [f"{_DEVICE_COUNT_FLAG}={int(devices)}"])
+def with_fake_devices(environ: Mapping[str, str], devices: int) -> dict[str, str]:
+  """A child process's environment: `environ` with its fake CPU device count (if any) replaced by `devices`.
+
+  A PJRT_NPROC that `size_cpu_thread_pool` derived from this process's own device count is dropped, so the child
+  sizes its pool for its own count; one the user set stays.
+  """
+  env = dict(environ)
+  flags = env.get("XLA_FLAGS", "")
+  parent_devices = fake_device_count(flags)
+  if parent_devices > 1 and env.get("PJRT_NPROC") == str(_pool_threads(parent_devices)):
+    del env["PJRT_NPROC"]
+  kept = [f for f in flags.split() if flag_name(f) != _DEVICE_COUNT_FLAG]
+  env["XLA_FLAGS"] = " ".join(kept + [f"{_DEVICE_COUNT_FLAG}={int(devices)}"])
+  return env
+
+
+def _pool_threads(devices: int) -> int:
+  return max(os.cpu_count() or 1, THREADS_PER_FAKE_DEVICE * devices)
 
 
 def size_cpu_thread_pool(environ=os.environ) -> int | None:
@@ -95,7 +109,7 @@ def size_cpu_thread_pool(environ=os.environ) -> int | None:
   devices = fake_device_count(environ.get("XLA_FLAGS", ""))
   if devices <= 1 or environ.get("PJRT_NPROC"):
     return None
-  threads = max(os.cpu_count() or 1, THREADS_PER_FAKE_DEVICE * devices)
+  threads = _pool_threads(devices)
   environ["PJRT_NPROC"] = str(threads)
   return threads
 

@@ -146,7 +146,7 @@ def point_env(point: Point, platform: str, gpu_ids: Sequence[int] | None = None,
   """The subprocess environment: on CPU, as many (fake) host devices as the point's mesh; on GPU, its GPUs."""
   env = dict(os.environ if base_env is None else base_env)
   if platform == "cpu":
-    env["XLA_FLAGS"] = with_fake_devices(env.get("XLA_FLAGS", ""), point.devices)
+    env = with_fake_devices(env, point.devices)
     env["JAX_PLATFORMS"] = "cpu"
   elif gpu_ids is not None:
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)
@@ -157,7 +157,7 @@ def env_overrides(point: Point, platform: str) -> dict[str, str]:
   """The environment variables point_env sets (for emitted launch scripts)."""
   if platform != "cpu":
     return {}
-  return {"XLA_FLAGS": with_fake_devices("", point.devices), "JAX_PLATFORMS": "cpu"}
+  return {"XLA_FLAGS": with_fake_devices({}, point.devices)["XLA_FLAGS"], "JAX_PLATFORMS": "cpu"}
 
 
 def _die_with_parent():
