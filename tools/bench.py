@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,8 +33,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from tweetjax.perf import cpu  # pylint: disable=g-import-not-at-top,wrong-import-position  (no JAX: safe here)
+
 _SECTIONS = flags.DEFINE_list("sections", ["peak", "step", "decode", "compile"],
-                              "Which benchmarks: peak, step, decode, compile.")
+                              "Which benchmarks: peak, step, compare, decode, compile.")
 _SHAPES = flags.DEFINE_list("shapes", ["small", "wide"], "Model shapes for the step benchmark.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
 _DEVICES = flags.DEFINE_list("devices", ["1", "8"], "Device counts for the step benchmark (fake on a CPU).")
@@ -43,6 +46,10 @@ _PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time Hugging Face Llama
 _PEER_STEPS = flags.DEFINE_integer("peer_steps", 2, "Timed PyTorch steps.")
 _PEER_TIMEOUT = flags.DEFINE_float("peer_timeout_s", 900, "Give up on a PyTorch measurement after this long (bf16 "
                                    "matmuls without avx512_bf16/AMX can be orders of magnitude slower).")
+_VARIANTS = flags.DEFINE_multi_string(
+    "variant", [], "compare section: NAME:SETTINGS, SETTINGS space-separated XLA flags (--xla_...) and config "
+    "overrides (model.dtype=bfloat16); the first variant is the baseline of the ratios.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "compare section: rounds; each runs every variant once, in turn.")
 _LAYERS = flags.DEFINE_list("compile_layers", ["4", "16", "48"], "Depths for the compile-time benchmark.")
 _GPU = flags.DEFINE_bool("gpu", False, "GPU mode: experiments/llama_1b.py in bf16 with cuDNN attention.")
 _GPU_ROWS = flags.DEFINE_integer("gpu_rows_per_device", 4, "GPU mode: 4096-token rows per device per step.")
@@ -84,15 +91,21 @@ def load_config(path: str, overrides: dict):
 def run_worker(spec: dict) -> dict:
   from tweetjax.perf import env  # pylint: disable=g-import-not-at-top
   config = load_config(spec["config"], spec.get("overrides", {})) if spec.get("config") else None
-  env.setup_environment(config, fake_devices=spec.get("fake_devices"), distributed=False)
+  env.setup_environment(config, fake_devices=spec.get("fake_devices"), extra_flags=spec.get("xla_flags", ()),
+                        distributed=False)
   from tweetjax.perf import bench  # pylint: disable=g-import-not-at-top
   kind = spec["kind"]
   if kind == "peak":
-    return bench.matmul_peak(spec["dtype"], n=spec.get("n", 2048))
+    return bench.matmul_peak(spec["dtype"], n=spec.get("n", 2048), accumulate_f32=spec.get("accumulate_f32", False))
   if kind == "torch_peak":
     return bench.torch_matmul_peak(spec["dtype"], n=spec.get("n", 2048))
   if kind == "step":
     return bench.train_step_rate(config, steps=spec["steps"])
+  if kind == "compare":  # the matmul probes, then the step, under the same XLA flags
+    probes = {dtype: bench.matmul_peak(dtype, n=1024)["best_flops"] for dtype in ("float32", "bfloat16")}
+    probes["bfloat16_f32_accumulate"] = bench.matmul_peak("bfloat16", n=1024, accumulate_f32=True)["best_flops"]
+    return {"probes": probes, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            **bench.train_step_rate(config, steps=spec["steps"])}
   if kind == "torch_step":
     return bench.torch_step_rate(config, spec["dtype"], steps=spec["steps"])
   if kind == "compile":
@@ -137,26 +150,42 @@ def _load() -> str:
   return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
 
 
+def _context() -> str:
+  """What every section header says about the machine: its load, and the CPU and ISA it ran on."""
+  return f"{_load()}; CPU {cpu.cpu_info().describe()}"
+
+
 def bench_peak(results: dict) -> None:
-  print(f"\n== matmul peak (2048 x 2048 jnp.dot, best of 5) [{_load()}]", flush=True)
+  """jnp.dot throughput per dtype; on a CPU with bf16 dot units the bf16 figure that counts (the MFU denominator)
+  is the bf16 x bf16 -> fp32 dot the model's matmuls use there (tweetjax/model/matmul.py)."""
+  print(f"\n== matmul peak (2048 x 2048 jnp.dot, best of 5) [{_context()}]", flush=True)
+  bf16_units = cpu.has_bf16_dot_units()
   for dtype in _DTYPES.value:
-    r = _subprocess({"kind": "peak", "dtype": dtype})
-    if r:
-      results.setdefault("peak", {})[dtype] = r
-      print(f"  jax   {dtype:<9} {r['best_flops'] / 1e9:8.1f} GFLOP/s best   {r['median_flops'] / 1e9:8.1f} median")
+    forms = [False, True] if dtype == "bfloat16" else [False]
+    for accumulate_f32 in forms:
+      r = _subprocess({"kind": "peak", "dtype": dtype, "accumulate_f32": accumulate_f32})
+      if not r:
+        continue
+      label = f"{dtype} -> fp32" if accumulate_f32 else dtype
+      used = accumulate_f32 == (dtype == "bfloat16" and bf16_units)
+      if used:
+        results.setdefault("peak", {})[dtype] = r
+      results.setdefault("peak_forms", {})[label] = r
+      print(f"  jax   {label:<17} {r['best_flops'] / 1e9:8.1f} GFLOP/s best   {r['median_flops'] / 1e9:8.1f} median"
+            + ("   <- the model's matmuls, the MFU peak" if used and dtype == "bfloat16" else ""), flush=True)
     if _PEER.value == "torch":
-      # torch's bf16 matmul is very slow without avx512_bf16/AMX: a smaller square keeps the probe short.
-      n = 512 if dtype == "bfloat16" else 2048
+      # Without avx512_bf16/AMX torch's bf16 matmul is emulated and very slow: a smaller square keeps it short.
+      n = 512 if dtype == "bfloat16" and not bf16_units else 2048
       r = _subprocess({"kind": "torch_peak", "dtype": dtype, "n": n}, timeout=_PEER_TIMEOUT.value)
       if r and "timed_out_s" not in r:
         results.setdefault("torch_peak", {})[dtype] = r
-        print(f"  torch {dtype:<9} {r['best_flops'] / 1e9:8.1f} GFLOP/s best   {r['median_flops'] / 1e9:8.1f} median"
-              f"  (n={n})")
+        print(f"  torch {dtype:<17} {r['best_flops'] / 1e9:8.1f} GFLOP/s best   {r['median_flops'] / 1e9:8.1f} "
+              f"median  (n={n})", flush=True)
 
 
 def bench_step(results: dict) -> None:
   peaks = results.get("peak", {})
-  print(f"\n== train step (fwd + bwd + AdamW), {_STEPS.value} timed steps [{_load()}]", flush=True)
+  print(f"\n== train step (fwd + bwd + AdamW), {_STEPS.value} timed steps [{_context()}]", flush=True)
   print("  shape  dtype     devices  tokens/step   step s (best/median)   tokens/s (best)   MFU (best/median)")
   for shape in _SHAPES.value:
     path, extra = _SHAPE_CONFIGS[shape]
@@ -196,9 +225,66 @@ def bench_step(results: dict) -> None:
               f"(torch {r['torch']}, transformers {r['transformers']}, {r['threads']} threads)", flush=True)
 
 
+def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
+  """'NAME:--xla_flag=v model.key=v ...' -> (name, XLA flags, config overrides)."""
+  name, sep, settings = text.partition(":")
+  if not sep or not name.strip():
+    raise app.UsageError(f"--variant={text!r}: expected NAME:SETTINGS (e.g. 'fast_math:--xla_cpu_enable_fast_math=true')")
+  xla_flags, overrides = [], {}
+  for token in settings.split():
+    if token.startswith("--"):
+      xla_flags.append(token)
+    elif "=" in token:
+      key, _, value = token.partition("=")
+      overrides[key] = value
+    else:
+      raise app.UsageError(f"--variant={text!r}: {token!r} is neither an XLA flag (--xla_...) nor key=value")
+  return name.strip(), xla_flags, overrides
+
+
+def bench_compare(results: dict) -> None:
+  """Paired A/B of XLA flags and config settings on the train step (first --shapes entry, 1 device).
+
+  Every variant runs in its own process (XLA flags are fixed when JAX starts); a round runs each variant once, in
+  turn, so the ratio to the baseline is taken within a round, under the load of that moment.
+  """
+  variants = [parse_variant(v) for v in _VARIANTS.value]
+  if len(variants) < 2:
+    raise app.UsageError("--sections=compare needs at least two --variant=NAME:SETTINGS (the first is the baseline)")
+  path, extra = _SHAPE_CONFIGS[_SHAPES.value[0]]
+  print(f"\n== compare ({_SHAPES.value[0]}, 1 device, {_STEPS.value} timed steps, {_ROUNDS.value} rounds) "
+        f"[{_context()}]", flush=True)
+  rows: dict[str, list] = {name: [] for name, _, _ in variants}
+  for round_index in range(_ROUNDS.value):
+    for name, xla_flags, overrides in variants:
+      spec = {"kind": "compare", "config": path, "overrides": _overrides({**extra, **overrides, "mesh.data": -1}),
+              "xla_flags": xla_flags, "fake_devices": 1, "steps": _STEPS.value, "platform_cpu": True}
+      r = _subprocess(spec)
+      rows[name].append(r if r and "best_s" in r else None)
+      if r and "best_s" in r:
+        probes = " ".join(f"{k} {v / 1e9:.0f}" for k, v in r["probes"].items())
+        print(f"  round {round_index + 1} {name:<24} step {r['best_s']:7.3f}s best  {r['best_tokens_per_s']:7.0f} "
+              f"tokens/s  loss {r['loss']:.4f}  dot GFLOP/s: {probes}  [{_load()}]", flush=True)
+  base_name = variants[0][0]
+  summary = {}
+  print(f"  {'variant':<24} {'best step s (median over rounds)':>34} {'speed vs ' + base_name + ' (median of rounds)':>40}")
+  for name, xla_flags, overrides in variants:
+    runs = rows[name]
+    ratios = [b["best_s"] / r["best_s"] for b, r in zip(rows[base_name], runs) if b and r]
+    best = [r["best_s"] for r in runs if r]
+    summary[name] = {"xla_flags": xla_flags, "overrides": overrides, "runs": runs,
+                     "median_best_s": statistics.median(best) if best else None,
+                     "speed_vs_baseline": statistics.median(ratios) if ratios else None,
+                     "speed_vs_baseline_per_round": ratios}
+    print(f"  {name:<24} {summary[name]['median_best_s'] or float('nan'):34.3f} "
+          f"{summary[name]['speed_vs_baseline'] or float('nan'):39.2f}x  {' '.join(f'{x:.2f}' for x in ratios)}",
+          flush=True)
+  results["compare"] = {"baseline": base_name, "variants": summary}
+
+
 def bench_decode(results: dict) -> None:
   """tools/bench_decode.py (the evaluation team's decode benchmark) at batch 1 and 16."""
-  print(f"\n== cached decoding, experiments/small.py, random init [{_load()}]", flush=True)
+  print(f"\n== cached decoding, experiments/small.py, random init [{_context()}]", flush=True)
   for batch in (1, 16):
     cmd = [sys.executable, os.path.join(REPO, "tools", "bench_decode.py"), "--config=experiments/small.py",
            f"--batch={batch}", "--prompt_len=32", "--new_tokens=64", "--repeats=3"]
@@ -215,7 +301,7 @@ def bench_decode(results: dict) -> None:
 
 
 def bench_compile(results: dict) -> None:
-  print(f"\n== compile time of the train step vs depth (small shape, scanned layers) [{_load()}]", flush=True)
+  print(f"\n== compile time of the train step vs depth (small shape, scanned layers) [{_context()}]", flush=True)
   print("  layers   cold s   from persistent cache s")
   rows = {}
   with tempfile.TemporaryDirectory(prefix="bench_jax_cache_") as cache_dir:
@@ -273,30 +359,21 @@ def main(argv):
   if _WORKER.value:
     print(_RESULT + json.dumps(run_worker(json.loads(_WORKER.value))), flush=True)
     return
-  results: dict = {"machine": machine_description(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+  info = cpu.cpu_info()
+  results: dict = {"machine": f"CPU: {info.describe()}", "cpu": info.as_dict(),
+                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
   print(results["machine"])
   if _GPU.value:
     bench_gpu(results)
   else:
     for section in _SECTIONS.value:
-      {"peak": bench_peak, "step": bench_step, "decode": bench_decode, "compile": bench_compile}[section](results)
+      {"peak": bench_peak, "step": bench_step, "compare": bench_compare, "decode": bench_decode,
+       "compile": bench_compile}[section](results)
   results["load_at_end"] = _load()
   print(f"\n{results['load_at_end']} (numbers taken on a shared machine move with its load)")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(results, f, indent=1)
-
-
-def machine_description() -> str:
-  model = ""
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    isa = sorted({w for w in info.split() if w.startswith(("avx", "amx", "fma"))})
-  except OSError:
-    isa = []
-  return f"CPU: {model or 'unknown'}, {os.cpu_count()} cores, ISA {' '.join(isa)}"
 
 
 if __name__ == "__main__":

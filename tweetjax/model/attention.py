@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.layers import constrain, kernel_init, logical_param
+from tweetjax.model.matmul import contract
 
 
 def apply_rope(x_BxLxHxDh: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
@@ -86,9 +87,9 @@ class Attention(nn.Module):
                               cfg)
     wo_HxDhxD = logical_param(self, "out", kernel_init((0, 1), 2), (H, Dh, D), ("heads", "head_dim", "embed"), cfg)
 
-    q_BxLxHxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, wq_DxHxDh.astype(dt))
-    k_BxLxKxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, wk_DxKxDh.astype(dt))
-    v_BxLxKxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, wv_DxKxDh.astype(dt))
+    q_BxLxHxDh = contract(x_BxLxD, wq_DxHxDh, 1, cfg.matmul_impl, dt)
+    k_BxLxKxDh = contract(x_BxLxD, wk_DxKxDh, 1, cfg.matmul_impl, dt)
+    v_BxLxKxDh = contract(x_BxLxD, wv_DxKxDh, 1, cfg.matmul_impl, dt)
     q_BxLxHxDh = constrain(apply_rope(q_BxLxHxDh, positions_BxL, cfg.rope_theta),
                            ("act_batch", "act_length", "act_heads", "act_head_dim"))
     k_BxLxKxDh = constrain(apply_rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta),
@@ -105,7 +106,7 @@ class Attention(nn.Module):
       out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL,
                                            impl=cfg.attention_impl, softcap=cfg.attn_logit_softcap)
     out_BxLxHxDh = constrain(out_BxLxHxDh, ("act_batch", "act_length", "act_heads", "act_head_dim"))
-    out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, wo_HxDhxD.astype(dt))
+    out_BxLxD = contract(out_BxLxHxDh, wo_HxDhxD, 2, cfg.matmul_impl, dt)
     return constrain(out_BxLxD, ("act_batch", "act_length", "act_embed"))
 
   def _update_cache(self, k_BxLxKxDh: jax.Array, v_BxLxKxDh: jax.Array, segment_ids_BxL: jax.Array):

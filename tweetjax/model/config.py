@@ -11,6 +11,7 @@ REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full")
 ATTENTION_IMPLS = ("xla", "cudnn", "reference")
 NORM_STYLES = ("pre", "sandwich")
 MOE_IMPLS = ("expert_parallel", "dense")
+MATMUL_IMPLS = ("auto", "xla", "cpu_bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,15 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = True
+  # Layers per iteration of the scanned layer loop (params stay stacked either way); 0 = auto: all of them (no
+  # loop) for bf16 compute on a CPU, else 1. XLA:CPU converts a stacked bf16 buffer to fp32 and back whenever the loop
+  # writes or reads one layer's slice, so looped bf16 residuals cost O(layers^2) traffic (benchmarks/RESULTS.md).
+  scan_unroll: int = 0
   attention_impl: str = "xla"
+  # How matmuls are written for the backend (tweetjax/model/matmul.py): "xla" as written; "cpu_bf16" every matmul
+  # and its gradients as bf16 x bf16 -> fp32 row-major dots (XLA:CPU's AMX/AVX512-BF16 kernels); "auto" picks
+  # cpu_bf16 for bf16 compute on a CPU with bf16 dot units, else xla.
+  matmul_impl: str = "auto"
   # Mixture of experts (tweetjax/model/moe.py). num_experts=0: every MLP is dense.
   num_experts: int = 0
   experts_per_token: int = 2  # top-k
@@ -52,6 +61,10 @@ class ModelConfig:
       raise ValueError(f"config.model.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"config.model.attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
+    if self.matmul_impl not in MATMUL_IMPLS:
+      raise ValueError(f"config.model.matmul_impl={self.matmul_impl!r}: expected one of {MATMUL_IMPLS}")
+    if self.scan_unroll < 0:
+      raise ValueError(f"config.model.scan_unroll={self.scan_unroll}: expected 0 (auto) or a positive layer count")
     if self.norm_style not in NORM_STYLES:
       raise ValueError(f"config.model.norm_style={self.norm_style!r}: expected one of {NORM_STYLES}")
     if self.num_heads % self.num_kv_heads:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from tweetjax.model.config import ModelConfig
+from tweetjax.model.matmul import contract, matmul, resolve, row_major_transpose
 
 Axes = Sequence[str | None]
 
@@ -59,7 +60,11 @@ class Embed(nn.Module):
     return constrain(x_BxLxD, ("act_batch", "act_length", "act_embed"))
 
   def attend(self, x_BxLxD: jax.Array) -> jax.Array:
-    return jnp.einsum("bld,vd->blv", x_BxLxD, self.embedding_VxD.astype(self.cfg.compute_dtype))
+    cfg = self.cfg
+    if resolve(cfg.matmul_impl, cfg.compute_dtype) == "cpu_bf16":  # the table as a row-major [D, V] operand
+      table_DxV = row_major_transpose(self.embedding_VxD.astype(cfg.compute_dtype))
+      return contract(x_BxLxD, table_DxV, 1, cfg.matmul_impl, cfg.compute_dtype)
+    return jnp.einsum("bld,vd->blv", x_BxLxD, self.embedding_VxD.astype(cfg.compute_dtype))
 
 
 class MLP(nn.Module):
@@ -78,8 +83,8 @@ class MLP(nn.Module):
     # products transposed for the weight-gradient dots, ~18% of a small.py fp32 step (benchmarks/RESULTS.md).
     B, L, _ = x_BxLxD.shape
     x_NxD = x_BxLxD.reshape(B * L, D)
-    gate_NxF = x_NxD @ gate_DxF.astype(dt)
-    up_NxF = x_NxD @ up_DxF.astype(dt)
+    gate_NxF = matmul(x_NxD, gate_DxF, cfg.matmul_impl, dt)
+    up_NxF = matmul(x_NxD, up_DxF, cfg.matmul_impl, dt)
     h_BxLxF = constrain((nn.silu(gate_NxF) * up_NxF).reshape(B, L, F), ("act_batch", "act_length", "act_mlp"))
-    out_NxD = h_BxLxF.reshape(B * L, F) @ down_FxD.astype(dt)
+    out_NxD = matmul(h_BxLxF.reshape(B * L, F), down_FxD, cfg.matmul_impl, dt)
     return constrain(out_NxD.reshape(B, L, D), ("act_batch", "act_length", "act_embed"))

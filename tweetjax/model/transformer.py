@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from tweetjax.model.attention import Attention
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.layers import MLP, Embed, RMSNorm, constrain, kernel_init, logical_param
+from tweetjax.model.matmul import bf16_on_cpu, contract
 from tweetjax.model.moe import MOE_STATS, MoE
 
 _REMAT_POLICIES = {
@@ -72,6 +73,13 @@ def _scan_unit(cfg: ModelConfig, block):
   return block, {"use_moe": cfg.num_experts > 0}, cfg.num_layers
 
 
+def _scan_unroll(cfg: ModelConfig, length: int) -> int:
+  """Scan iterations per loop trip (config.model.scan_unroll; 0 = all on a CPU in bf16, see ModelConfig)."""
+  if cfg.scan_unroll:
+    return min(cfg.scan_unroll, length)
+  return length if bf16_on_cpu(cfg.compute_dtype) else 1
+
+
 class Transformer(nn.Module):
   cfg: ModelConfig
 
@@ -91,7 +99,7 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       unit, unit_kwargs, length = _scan_unit(cfg, block)
       layers = nn.scan(unit, variable_axes={"params": 0, "cache": 0, MOE_STATS: 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=length,
+                       in_axes=(nn.broadcast, nn.broadcast), length=length, unroll=_scan_unroll(cfg, length),
                        metadata_params={nn.PARTITION_NAME: "layers"})
       x_BxLxD, _ = layers(cfg, **unit_kwargs, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL)
     else:
@@ -105,7 +113,7 @@ class Transformer(nn.Module):
     else:
       head_DxV = logical_param(self, "lm_head", kernel_init(0, 1), (cfg.d_model, cfg.vocab_size),
                                ("embed", "vocab"), cfg)
-      logits_BxLxV = jnp.einsum("bld,dv->blv", hidden_BxLxD, head_DxV.astype(cfg.compute_dtype))
+      logits_BxLxV = contract(hidden_BxLxD, head_DxV, 1, cfg.matmul_impl, cfg.compute_dtype)
     if cfg.final_logit_softcap:
       cap = cfg.final_logit_softcap
       logits_BxLxV = (cap * jnp.tanh(logits_BxLxV.astype(jnp.float32) / cap)).astype(logits_BxLxV.dtype)

@@ -36,11 +36,16 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str
   return _stats(seconds)
 
 
-def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> dict[str, float]:
-  """FLOP/s of one large square `jnp.dot` in `dtype` on device 0 (the MFU denominator on a CPU)."""
+def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5, accumulate_f32: bool = False) -> dict[str, float]:
+  """FLOP/s of one large square `jnp.dot` in `dtype` on device 0 (the MFU denominator on a CPU).
+
+  accumulate_f32: `preferred_element_type=float32` (bf16 x bf16 -> fp32), the only bf16 dot XLA:CPU hands to its
+  bf16 kernels (AMX / AVX512-BF16) instead of computing it in fp32 (tweetjax/model/matmul.py).
+  """
   a = jax.device_put(jnp.ones((n, n), dtype) * 0.5, jax.devices()[0])
   b = jax.device_put(jnp.ones((n, n), dtype) * 0.25, jax.devices()[0])
-  dot = jax.jit(jnp.dot)
+  accumulate = jnp.float32 if accumulate_f32 else None
+  dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=accumulate))
   return _matmul_rate(dtype, n, time_calls(lambda: dot(a, b), repeats))
 
 

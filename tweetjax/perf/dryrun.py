@@ -13,6 +13,7 @@ attention (L x L scores are materialised) and may keep fp32 copies where the GPU
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -105,9 +106,24 @@ def _entry_param_bytes(module: hlo.Module, indices: Sequence[int]) -> int:
   return int(sum(by_index.get(i, 0) for i in indices))
 
 
+def accelerator_forms(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose `auto` model forms are the accelerator's ("xla" matmuls, a rolled layer loop)."""
+  config = copy.deepcopy(config)
+  if config.model.matmul_impl == "auto":
+    config.model.matmul_impl = "xla"
+  if config.model.scan_unroll == 0:
+    config.model.scan_unroll = 1
+  return config
+
+
 def dry_run(config: ml_collections.ConfigDict, *, device_memory_bytes: float = 80 * GIB,
             usable_fraction: float = 0.9) -> DryRun:
-  """Compiles config's train step on all (fake) devices and reads memory, FLOPs and collectives."""
+  """Compiles config's train step on all (fake) devices and reads memory, FLOPs and collectives.
+
+  The compile runs on the CPU but models an accelerator: `auto` CPU-specific forms (model.matmul_impl,
+  model.scan_unroll) take their accelerator values, so the program is the one a GPU would run.
+  """
+  config = accelerator_forms(config)
   experiment = build_experiment(config)
   mesh, layout = experiment.mesh, experiment.layout
   B, L, microbatches = int(config.data.global_batch_size), experiment.seq_len, int(config.train.microbatches)
