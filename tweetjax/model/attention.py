@@ -73,6 +73,17 @@ def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, *, i
 CACHE_AXES = ("act_batch", None, "act_kv_heads", "act_head_dim")
 
 
+def _to_cache(x: jax.Array, stored) -> jax.Array:
+  """Keys/values in the cache's storage dtype; uint16 holds bf16 bits (tweetjax.model.decode.default_cache_dtype)."""
+  if stored == jnp.uint16:
+    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+  return x.astype(stored)
+
+
+def _from_cache(x: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -122,8 +133,9 @@ class Attention(nn.Module):
     B, L = segment_ids_BxL.shape
     S = key.value.shape[1]
     start = index.value
-    k_BxSxKxDh = jax.lax.dynamic_update_slice(key.value, k_BxLxKxDh.astype(key.value.dtype), (0, start, 0, 0))
-    v_BxSxKxDh = jax.lax.dynamic_update_slice(value.value, v_BxLxKxDh.astype(value.value.dtype), (0, start, 0, 0))
+    k_BxSxKxDh = jax.lax.dynamic_update_slice(key.value, _to_cache(k_BxLxKxDh, key.value.dtype), (0, start, 0, 0))
+    v_BxSxKxDh = jax.lax.dynamic_update_slice(value.value, _to_cache(v_BxLxKxDh, value.value.dtype),
+                                              (0, start, 0, 0))
     kv_segment_ids_BxS = jax.lax.dynamic_update_slice(segments.value, segment_ids_BxL.astype(jnp.int32), (0, start))
     key.value = constrain(k_BxSxKxDh, CACHE_AXES)
     value.value = constrain(v_BxSxKxDh, CACHE_AXES)
@@ -132,4 +144,4 @@ class Attention(nn.Module):
     q_slots_BxL = jnp.broadcast_to(start + jnp.arange(L, dtype=jnp.int32), (B, L))
     kv_slots_BxS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     mask_Bx1xLxS = attention_mask(segment_ids_BxL, kv_segment_ids_BxS, q_slots_BxL, kv_slots_BxS)
-    return key.value, value.value, mask_Bx1xLxS
+    return _from_cache(key.value), _from_cache(value.value), mask_Bx1xLxS

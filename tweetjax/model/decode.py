@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from tweetjax.model import quantize
 from tweetjax.model.attention import CACHE_AXES
+from tweetjax.model.matmul import bf16_on_cpu
 from tweetjax.parallel.rules import (Rules, axis_size, batch_sharding, host_to_global, mesh_axes_of, mesh_context,
                                      replicated)
 
@@ -68,14 +70,33 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, sampling: SamplingConfi
     kth_Bx1 = jax.lax.top_k(logits_BxV, min(sampling.top_k, logits_BxV.shape[-1]))[0][:, -1:]
     logits_BxV = jnp.where(logits_BxV < kth_Bx1, neg_inf, logits_BxV)
   if sampling.top_p < 1.0:
-    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    # The smallest logit still inside the nucleus; the most likely token is always kept.
-    keep_BxV = mass_before_BxV < sampling.top_p
-    cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-    logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, neg_inf, logits_BxV)
+    logits_BxV = jnp.where(nucleus_mask(logits_BxV, sampling.top_p), logits_BxV, neg_inf)
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+NUCLEUS_BISECTION_STEPS = 32
+
+
+def nucleus_mask(logits_BxV: jax.Array, top_p: float) -> jax.Array:
+  """Boolean [B, V]: the nucleus, i.e. the most likely tokens whose probabilities first reach `top_p` in total.
+
+  Found without sorting the vocabulary (a full sort per token is most of a CPU decode step at 32k vocab): the
+  nucleus is {p >= t} for the largest threshold t whose mass still reaches top_p, and t is bisected on [0, max p]
+  in NUCLEUS_BISECTION_STEPS masked sums. Tokens tied at the threshold are all kept (a sort would keep some of them
+  in index order), and so are tokens within max_p / 2**32 below it; the most likely token is always kept.
+  """
+  probs_BxV = jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1)
+  hi_Bx1 = jnp.max(probs_BxV, axis=-1, keepdims=True)
+
+  def bisect(_, bounds):
+    lo_Bx1, hi_Bx1 = bounds
+    mid_Bx1 = 0.5 * (lo_Bx1 + hi_Bx1)
+    mass_Bx1 = jnp.sum(jnp.where(probs_BxV >= mid_Bx1, probs_BxV, 0.0), axis=-1, keepdims=True)
+    reaches = mass_Bx1 >= top_p
+    return jnp.where(reaches, mid_Bx1, lo_Bx1), jnp.where(reaches, hi_Bx1, mid_Bx1)
+
+  lo_Bx1, _ = jax.lax.fori_loop(0, NUCLEUS_BISECTION_STEPS, bisect, (jnp.zeros_like(hi_Bx1), hi_Bx1))
+  return (probs_BxV >= lo_Bx1) | (probs_BxV >= hi_Bx1)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], length: int, padding: str, pad_id: int = 0):
@@ -195,16 +216,53 @@ def _generate(model, params, tokens_BxP, positions_BxP, segment_ids_BxP, last_in
   return state[5], state[7]
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedWeights:
+  """Params converted once to a sampler's weight format (Sampler.prepare); `generate` takes them as they are."""
+  params: Any
+  weights: str
+
+
+def default_cache_dtype(compute_dtype):
+  """The KV cache's storage dtype: the compute dtype, except bf16 on a CPU, stored as its bits in uint16.
+
+  XLA:CPU writes one slot of a bf16 buffer by converting the whole buffer to fp32 and back (bf16 is not one of its
+  native types), so a bf16 cache would be rewritten whole for every token; a uint16 buffer is updated in place and
+  read back as bf16 by a free bitcast (Attention._update_cache)."""
+  return jnp.dtype(jnp.uint16) if bf16_on_cpu(compute_dtype) else jnp.dtype(compute_dtype)
+
+
 class Sampler:
-  """Compiles and runs generation for one model on one mesh. Reuse it: compiled loops are cached per shape."""
+  """Compiles and runs generation for one model on one mesh. Reuse it: compiled loops are cached per shape.
+
+  `weights` (tweetjax/model/quantize.py): "model" (default) decodes with the params as they are, in the model's
+  compute dtype; "bfloat16" and "int8" convert them once (`prepare`) and decode in bf16, reading half / a quarter
+  of the fp32 bytes per token.
+  """
 
   def __init__(self, model: nn.Module, mesh: Mesh, rules: Rules, *, pad_id: int = 0, prompt_bucket: int = 16,
-               cache_dtype=None):
+               cache_dtype=None, weights: str | None = None):
+    self.weights = weights or "model"
+    if self.weights not in quantize.WEIGHT_FORMATS:
+      raise ValueError(f"Sampler weights={weights!r}: expected one of {quantize.WEIGHT_FORMATS}")
+    if self.weights != "model" and model.cfg.dtype != "bfloat16":
+      model = model.clone(cfg=dataclasses.replace(model.cfg, dtype="bfloat16"))
     self.model, self.mesh, self.rules, self.pad_id = model, mesh, rules, pad_id
     self.prompt_bucket = prompt_bucket
-    self.cache_dtype = cache_dtype or model.cfg.compute_dtype
+    self.cache_dtype = jnp.dtype(cache_dtype) if cache_dtype else default_cache_dtype(model.cfg.compute_dtype)
     self.batch_shards = axis_size(mesh, mesh_axes_of("act_batch", rules))
     self._compiled: dict[tuple, Any] = {}
+    self._prepare = jax.jit(functools.partial(quantize.prepare_weights, weights=self.weights,
+                                              tied_embeddings=model.cfg.tie_embeddings))
+
+  def prepare(self, params: Any) -> PreparedWeights:
+    """`params` in this sampler's weight format; pass the result to `generate` to convert only once."""
+    if isinstance(params, PreparedWeights):
+      if params.weights != self.weights:
+        raise ValueError(f"params prepared for weights={params.weights!r}, this sampler uses {self.weights!r}")
+      return params
+    with mesh_context(self.mesh, self.rules):
+      return PreparedWeights(self._prepare(params), self.weights)
 
   def _fn(self, sampling: SamplingConfig, use_cache: bool, return_logits: bool):
     key = (sampling, use_cache, return_logits)
@@ -218,7 +276,7 @@ class Sampler:
                                     out_shardings=(everywhere, everywhere if return_logits else None))
     return self._compiled[key]
 
-  def generate(self, params: Any, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+  def generate(self, params: Any | PreparedWeights, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                rng: jax.Array | None = None, *, padding: str = "left", use_cache: bool = True,
                return_logits: bool = False) -> DecodeOutput:
     """Generates up to sampling.max_new_tokens ids after each prompt (lists of ids, BOS included by the caller)."""
@@ -233,6 +291,7 @@ class Sampler:
     length = -(-longest // self.prompt_bucket) * self.prompt_bucket
     rows = batch_sharding(self.mesh)
     host = [host_to_global(x, rows) for x in pad_prompts(prompts, length, padding, self.pad_id)]
+    params = self.prepare(params).params
     with mesh_context(self.mesh, self.rules):
       tokens_BxT, logits_BxTxV = self._fn(sampling, use_cache, return_logits)(params, *host, rng)
     tokens_BxT = np.asarray(jax.device_get(tokens_BxT))[:num]

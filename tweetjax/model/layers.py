@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tweetjax.model import quantize
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.matmul import contract, matmul, resolve, row_major_transpose
 
@@ -55,12 +56,22 @@ class Embed(nn.Module):
     # Gather the table over its `embed` shards first (as FSDP does for every weight) but keep it split over vocab:
     # the lookup is then a masked local gather plus a reduction over the vocab shards, and its output comes out in
     # the batch sharding of the ids instead of one that XLA can only reach by rematerialising the whole gather.
+    if isinstance(self.embedding_VxD, quantize.Int8Table):  # int8 sampling weights: dequantise the rows taken
+      table = self.embedding_VxD
+      x_BxLxD = (jnp.take(table.q_VxD, ids_BxL, axis=0).astype(jnp.float32)
+                 * jnp.take(table.scale_V, ids_BxL, axis=0)[..., None]).astype(self.cfg.compute_dtype)
+      return constrain(x_BxLxD, ("act_batch", "act_length", "act_embed"))
     table_VxD = constrain(self.embedding_VxD.astype(self.cfg.compute_dtype), ("vocab", None))
     x_BxLxD = jnp.take(table_VxD, ids_BxL, axis=0)
     return constrain(x_BxLxD, ("act_batch", "act_length", "act_embed"))
 
   def attend(self, x_BxLxD: jax.Array) -> jax.Array:
     cfg = self.cfg
+    if isinstance(self.embedding_VxD, quantize.Int8Table):
+      table = self.embedding_VxD
+      B, L, D = x_BxLxD.shape
+      logits_NxV = quantize.int8_matmul(x_BxLxD.reshape(B * L, D), table.q_DxV, table.scale_V, cfg.compute_dtype)
+      return logits_NxV.reshape(B, L, -1)
     if resolve(cfg.matmul_impl, cfg.compute_dtype) == "cpu_bf16":  # the table as a row-major [D, V] operand
       table_DxV = row_major_transpose(self.embedding_VxD.astype(cfg.compute_dtype))
       return contract(x_BxLxD, table_DxV, 1, cfg.matmul_impl, cfg.compute_dtype)

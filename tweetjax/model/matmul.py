@@ -28,6 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from tweetjax.model import quantize
 from tweetjax.model.config import MATMUL_IMPLS
 from tweetjax.perf import cpu
 
@@ -87,8 +88,11 @@ def _cpu_bf16_bwd(w_dtype, residuals, g_NxM):
 _cpu_bf16_matmul.defvjp(_cpu_bf16_fwd, _cpu_bf16_bwd)
 
 
-def matmul(x_NxK: jax.Array, w_KxM: jax.Array, impl: str, dtype) -> jax.Array:
-  """x [N, K] @ w [K, M] in the compute `dtype` (the weight is cast here; its gradient keeps its own dtype)."""
+def matmul(x_NxK: jax.Array, w_KxM, impl: str, dtype) -> jax.Array:
+  """x [N, K] @ w [K, M] in the compute `dtype` (the weight is cast here; its gradient keeps its own dtype). An
+  int8 sampling kernel (tweetjax/model/quantize.py) runs as an int8 dot."""
+  if isinstance(w_KxM, quantize.Int8Kernel):
+    return quantize.int8_contract(x_NxK, w_KxM, dtype)
   if resolve(impl, dtype) == "cpu_bf16" and jnp.dtype(dtype) == jnp.bfloat16:
     return _cpu_bf16_matmul(x_NxK.astype(dtype), w_KxM, jnp.dtype(w_KxM.dtype))
   return x_NxK.astype(dtype) @ w_KxM.astype(dtype)
@@ -97,6 +101,8 @@ def matmul(x_NxK: jax.Array, w_KxM: jax.Array, impl: str, dtype) -> jax.Array:
 def contract(x: jax.Array, w: jax.Array, num_contracted: int, impl: str, dtype) -> jax.Array:
   """Contracts the last `num_contracted` dims of x with the first of w (`jnp.tensordot(x, w, num_contracted)`),
   e.g. [B, L, D] x [D, H, Dh] -> [B, L, H, Dh] (1) or [B, L, H, Dh] x [H, Dh, D] -> [B, L, D] (2)."""
+  if isinstance(w, quantize.Int8Kernel):
+    return quantize.int8_contract(x, w, dtype)
   if resolve(impl, dtype) != "cpu_bf16":
     return jnp.tensordot(x.astype(dtype), w.astype(dtype), num_contracted)
   lead, contracted = x.shape[:x.ndim - num_contracted], x.shape[x.ndim - num_contracted:]

@@ -1,0 +1,120 @@
+"""Weight formats for sampling: the model's own, bf16 copies, or int8 matmul kernels.
+
+Dims: N rows (tokens), K contracted, M output features, V vocab, D d_model.
+
+Decoding reads every weight once per generated token, so its speed is the weights' bytes (tools/bench.py
+--sections=decode). `prepare_weights` converts a params tree once, before generation:
+
+  model     the params as they are (the model's compute dtype);
+  bfloat16  every float param in bf16 (computed in bf16);
+  int8      the dense matmul kernels (attention q/k/v/out, MLP gate/up/down, LM head; tied: the embedding) as int8
+            with one fp32 scale per output feature (symmetric, max-abs); the rest in bf16. The product quantises
+            its input rows to int8 too (one max-abs scale per row, at run time) and runs an int8 x int8 -> int32
+            dot: XLA keeps a weight-only int8 kernel's dequantisation out of the decode loop (loop-invariant code
+            motion), so only an int8 dot reads int8 weights on every token. XLA:CPU hands those dots to its AMX-INT8 /
+            AVX512-VNNI kernels (YNNPACK), with the same canonical-layout rule as bf16 (tweetjax/model/matmul.py).
+
+Which params are kernels, and which of their axes are contracted, is fixed by the model (names below); a leading
+"layers" axis (scanned layers) is kept as is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+WEIGHT_FORMATS = ("model", "bfloat16", "int8")
+
+# param path suffix -> (leading contracted axes, rank of one layer's kernel); more axes = a leading "layers" axis
+_KERNELS = {("attention", "query"): (1, 3), ("attention", "key"): (1, 3), ("attention", "value"): (1, 3),
+            ("attention", "out"): (2, 3), ("mlp", "gate"): (1, 2), ("mlp", "up"): (1, 2), ("mlp", "down"): (1, 2),
+            ("lm_head",): (1, 2)}
+
+
+@flax.struct.dataclass
+class Int8Kernel:
+  """An int8 kernel [(layers,) *contracted, *out] and its fp32 scale per output feature [(layers,) *out]."""
+  q: jax.Array
+  scale: jax.Array
+  num_contracted: int = flax.struct.field(pytree_node=False, default=1)
+
+  @property
+  def shape(self):
+    return self.q.shape
+
+  @property
+  def ndim(self):
+    return self.q.ndim
+
+
+@flax.struct.dataclass
+class Int8Table:
+  """The (tied) embedding table [V, D] as int8 rows with an fp32 scale per row, plus its transpose [D, V] for the
+  LM-head product (row-major, as the int8 dot wants it)."""
+  q_VxD: jax.Array
+  q_DxV: jax.Array
+  scale_V: jax.Array
+
+
+def quantize_kernel(w: jax.Array, num_contracted: int, rank: int) -> Int8Kernel:
+  """Symmetric per-output-feature int8: scale = max|w| over the contracted axes / 127 (1 where w is all zero).
+  `rank` is one layer's kernel rank; an extra leading axis (stacked layers) is kept."""
+  first = w.ndim - rank
+  axes = tuple(range(first, first + num_contracted))
+  w = w.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
+  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+  q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+  return Int8Kernel(q=q, scale=jnp.squeeze(scale, axes), num_contracted=num_contracted)
+
+
+def quantize_table(table_VxD: jax.Array) -> Int8Table:
+  t = table_VxD.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(t), axis=1, keepdims=True)
+  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+  q = jnp.clip(jnp.round(t / scale), -127, 127).astype(jnp.int8)
+  return Int8Table(q_VxD=q, q_DxV=q.T, scale_V=scale[:, 0])
+
+
+def int8_matmul(x_NxK: jax.Array, q_KxM: jax.Array, scale_M: jax.Array, dtype) -> jax.Array:
+  """x @ (q * scale) with x quantised per row to int8: an int8 x int8 -> int32 dot, rescaled in fp32."""
+  x = x_NxK.astype(jnp.float32)
+  amax_Nx1 = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+  x_scale_Nx1 = jnp.where(amax_Nx1 > 0, amax_Nx1 / 127.0, 1.0)
+  xq_NxK = jnp.clip(jnp.round(x / x_scale_Nx1), -127, 127).astype(jnp.int8)
+  acc_NxM = jnp.dot(xq_NxK, q_KxM, preferred_element_type=jnp.int32)
+  return (acc_NxM.astype(jnp.float32) * x_scale_Nx1 * scale_M[None, :].astype(jnp.float32)).astype(dtype)
+
+
+def int8_contract(x: jax.Array, w: Int8Kernel, dtype) -> jax.Array:
+  """`contract(x, w, w.num_contracted)` for an int8 kernel (unstacked: the layer scan has sliced it)."""
+  n = w.num_contracted
+  lead, contracted = x.shape[:x.ndim - n], x.shape[x.ndim - n:]
+  K, out = math.prod(contracted), w.q.shape[n:]
+  y_NxM = int8_matmul(x.reshape(math.prod(lead), K), w.q.reshape(K, math.prod(out)), w.scale.reshape(-1), dtype)
+  return y_NxM.reshape(*lead, *out)
+
+
+def prepare_weights(params, weights: str, tied_embeddings: bool):
+  """`params` in the sampling weight format `weights` (see the module docstring)."""
+  if weights not in WEIGHT_FORMATS:
+    raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_FORMATS}")
+  params = nn.meta.unbox(params)
+  if weights == "model":
+    return params
+
+  def convert(path, leaf):
+    names = tuple(getattr(p, "key", str(p)) for p in path)
+    if weights == "int8":
+      kernel = _KERNELS.get(names[-2:]) or _KERNELS.get(names[-1:])
+      if kernel:
+        return quantize_kernel(leaf, *kernel)
+      if tied_embeddings and names[-2:] == ("embed", "embedding"):
+        return quantize_table(leaf)
+    return leaf.astype(jnp.bfloat16) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+  return jax.tree_util.tree_map_with_path(convert, params)
