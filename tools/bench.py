@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,10 +50,21 @@ _PEER_TIMEOUT = flags.DEFINE_float("peer_timeout_s", 900, "Give up on a PyTorch 
 _VARIANTS = flags.DEFINE_multi_string(
     "variant", [], "compare section: NAME:SETTINGS, SETTINGS space-separated XLA flags (--xla_...) and config "
     "overrides (model.dtype=bfloat16); the first variant is the baseline of the ratios.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "compare section: rounds; each runs every variant once, in turn.")
+_ROUNDS = flags.DEFINE_integer("rounds", 6, "compare section: rounds; each times one step of every variant, in turn.")
+_DECODE_BATCHES = flags.DEFINE_list("decode_batches", ["1", "16"], "decode section: batch sizes.")
+_DECODE_WEIGHTS = flags.DEFINE_list("decode_weights", ["model", "bfloat16", "int8"],
+                                    "decode section: sampling weight formats (tweetjax/model/quantize.py).")
+_DECODE_SAMPLING = flags.DEFINE_list("decode_sampling", ["greedy"], "decode section: greedy and/or top_p.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "decode section: prompt tokens.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode section: generated tokens per prompt.")
+_DECODE_REPEATS = flags.DEFINE_integer("decode_repeats", 3, "decode section: timed calls (after a warm-up).")
 _LAYERS = flags.DEFINE_list("compile_layers", ["4", "16", "48"], "Depths for the compile-time benchmark.")
 _GPU = flags.DEFINE_bool("gpu", False, "GPU mode: experiments/llama_1b.py in bf16 with cuDNN attention.")
-_GPU_ROWS = flags.DEFINE_integer("gpu_rows_per_device", 4, "GPU mode: 4096-token rows per device per step.")
+_GPU_ROWS = flags.DEFINE_integer("gpu_rows_per_device", 4, "GPU mode: rows (of the config's seq_len) per device per step.")
+_GPU_CONFIG = flags.DEFINE_string("gpu_config", "experiments/llama_1b.py", "GPU mode: the config to time.")
+_GPU_ATTENTION = flags.DEFINE_string("gpu_attention", "cudnn", "GPU mode: model.attention_impl.")
+_GPU_ALLOW_CPU = flags.DEFINE_bool("gpu_allow_cpu", False, "GPU mode on a CPU (checks the mode's plumbing, e.g. "
+                                   "tools/gpu_check.sh --cpu; MFU is then not reported).")
 _JSON = flags.DEFINE_string("json_out", "", "Also write every result as JSON here.")
 _WORKER = flags.DEFINE_string("worker", "", "(internal) run one measurement given as JSON and print it.")
 
@@ -101,13 +113,30 @@ def run_worker(spec: dict) -> dict:
     return bench.torch_matmul_peak(spec["dtype"], n=spec.get("n", 2048))
   if kind == "step":
     return bench.train_step_rate(config, steps=spec["steps"])
-  if kind == "compare":  # the matmul probes, then the step, under the same XLA flags
-    probes = {dtype: bench.matmul_peak(dtype, n=1024)["best_flops"] for dtype in ("float32", "bfloat16")}
-    probes["bfloat16_f32_accumulate"] = bench.matmul_peak("bfloat16", n=1024, accumulate_f32=True)["best_flops"]
-    return {"probes": probes, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            **bench.train_step_rate(config, steps=spec["steps"])}
+  if kind == "serve_steps":  # compare: compile once, then time one step per "step" line read from stdin
+    runner = bench.StepRunner(config)
+    print(_RESULT + json.dumps({"ready": True, **runner.describe(), "xla_flags": os.environ.get("XLA_FLAGS", "")}),
+          flush=True)
+    for line in sys.stdin:
+      if line.strip() == "step":
+        print(_RESULT + json.dumps({"seconds": runner.step(), "loss": float(runner.metrics["loss"])}), flush=True)
+      elif line.strip() == "probe":
+        probes = {f"{d}{'->f32' if acc else ''}": bench.matmul_peak(d, n=1024, accumulate_f32=acc)["best_flops"]
+                  for d, acc in (("float32", False), ("bfloat16", False), ("bfloat16", True))}
+        print(_RESULT + json.dumps(probes), flush=True)
+      else:
+        break
+    return {"done": True}
   if kind == "torch_step":
     return bench.torch_step_rate(config, spec["dtype"], steps=spec["steps"])
+  if kind == "decode":
+    from tweetjax.perf import bench_decode as decode_lib  # pylint: disable=g-import-not-at-top
+    keys = ("batch", "prompt_len", "new_tokens", "repeats", "weights", "sampling", "export_dir")
+    return decode_lib.tweetjax_decode_rate(config, **{k: spec[k] for k in keys})
+  if kind == "torch_decode":
+    from tweetjax.perf import bench_decode as decode_lib  # pylint: disable=g-import-not-at-top
+    return decode_lib.torch_decode_rate(spec["hf_dir"], new_tokens=spec["new_tokens"], repeats=spec["repeats"],
+                                        dtype=spec["dtype"], sampling=spec["sampling"])
   if kind == "compile":
     if spec.get("cache_dir"):
       from tweetjax.train.profiling import setup_compilation_cache  # pylint: disable=g-import-not-at-top
@@ -242,62 +271,136 @@ def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
   return name.strip(), xla_flags, overrides
 
 
+class _StepServer:
+  """A worker process holding one variant's compiled train step; `step()` asks it to time one more."""
+
+  def __init__(self, name: str, spec: dict):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    self.name = name
+    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker=" + json.dumps(spec)],
+                                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 text=True)
+    self.info = self._read()
+
+  def _read(self) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith(_RESULT):
+        return json.loads(line[len(_RESULT):])
+    raise RuntimeError(f"compare variant {self.name}: the worker exited ({self.proc.wait()}) without a result")
+
+  def ask(self, command: str) -> dict:
+    self.proc.stdin.write(command + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.stdin.close()
+      self.proc.wait(timeout=120)
+
+
 def bench_compare(results: dict) -> None:
   """Paired A/B of XLA flags and config settings on the train step (first --shapes entry, 1 device).
 
-  Every variant runs in its own process (XLA flags are fixed when JAX starts); a round runs each variant once, in
-  turn, so the ratio to the baseline is taken within a round, under the load of that moment.
+  Each variant compiles once in its own process (XLA flags are fixed when JAX starts) and waits; then the variants
+  take turns, one timed step each per round, so every ratio to the baseline compares steps seconds apart, under
+  the same load. A jnp.dot probe runs in every process before and after (the flags can change it too).
   """
   variants = [parse_variant(v) for v in _VARIANTS.value]
   if len(variants) < 2:
     raise app.UsageError("--sections=compare needs at least two --variant=NAME:SETTINGS (the first is the baseline)")
   path, extra = _SHAPE_CONFIGS[_SHAPES.value[0]]
-  print(f"\n== compare ({_SHAPES.value[0]}, 1 device, {_STEPS.value} timed steps, {_ROUNDS.value} rounds) "
+  print(f"\n== compare ({_SHAPES.value[0]}, 1 device, {_ROUNDS.value} rounds of one step per variant, in turn) "
         f"[{_context()}]", flush=True)
-  rows: dict[str, list] = {name: [] for name, _, _ in variants}
-  for round_index in range(_ROUNDS.value):
+  servers = []
+  try:
     for name, xla_flags, overrides in variants:
-      spec = {"kind": "compare", "config": path, "overrides": _overrides({**extra, **overrides, "mesh.data": -1}),
-              "xla_flags": xla_flags, "fake_devices": 1, "steps": _STEPS.value, "platform_cpu": True}
-      r = _subprocess(spec)
-      rows[name].append(r if r and "best_s" in r else None)
-      if r and "best_s" in r:
-        probes = " ".join(f"{k} {v / 1e9:.0f}" for k, v in r["probes"].items())
-        print(f"  round {round_index + 1} {name:<24} step {r['best_s']:7.3f}s best  {r['best_tokens_per_s']:7.0f} "
-              f"tokens/s  loss {r['loss']:.4f}  dot GFLOP/s: {probes}  [{_load()}]", flush=True)
-  base_name = variants[0][0]
+      spec = {"kind": "serve_steps", "config": path, "overrides": _overrides({**extra, **overrides, "mesh.data": -1}),
+              "xla_flags": xla_flags, "fake_devices": 1}
+      servers.append(_StepServer(name, spec))
+    for server in servers:
+      server.ask("step")  # a second warm-up step
+    probes = {s.name: s.ask("probe") for s in servers}
+    seconds: dict[str, list[float]] = {s.name: [] for s in servers}
+    for _ in range(_ROUNDS.value):
+      for server in servers:
+        seconds[server.name].append(server.ask("step")["seconds"])
+    for server in servers:
+      after = server.ask("probe")
+      probes[server.name] = {k: max(v, after[k]) for k, v in probes[server.name].items()}
+  finally:
+    for server in servers:
+      server.close()
+  base = servers[0].name
   summary = {}
-  print(f"  {'variant':<24} {'best step s (median over rounds)':>34} {'speed vs ' + base_name + ' (median of rounds)':>40}")
-  for name, xla_flags, overrides in variants:
-    runs = rows[name]
-    ratios = [b["best_s"] / r["best_s"] for b, r in zip(rows[base_name], runs) if b and r]
-    best = [r["best_s"] for r in runs if r]
-    summary[name] = {"xla_flags": xla_flags, "overrides": overrides, "runs": runs,
-                     "median_best_s": statistics.median(best) if best else None,
-                     "speed_vs_baseline": statistics.median(ratios) if ratios else None,
-                     "speed_vs_baseline_per_round": ratios}
-    print(f"  {name:<24} {summary[name]['median_best_s'] or float('nan'):34.3f} "
-          f"{summary[name]['speed_vs_baseline'] or float('nan'):39.2f}x  {' '.join(f'{x:.2f}' for x in ratios)}",
-          flush=True)
-  results["compare"] = {"baseline": base_name, "variants": summary}
+  print(f"  {'variant':<26} {'step s best/median':>20} {'tokens/s':>9} {'vs ' + base:>16}  "
+        f"{'per-round ratios':<30} dot GFLOP/s f32 / bf16 / bf16->f32 (best)")
+  for server in servers:
+    ts = seconds[server.name]
+    ratios = [b / t for b, t in zip(seconds[base], ts)]
+    p = probes[server.name]
+    summary[server.name] = {**server.info, "seconds": ts, "speed_vs_baseline": statistics.median(ratios),
+                            "speed_vs_baseline_per_round": ratios, "probes": p,
+                            "best_tokens_per_s": server.info["tokens_per_step"] / min(ts)}
+    print(f"  {server.name:<26} {min(ts):9.3f} / {statistics.median(ts):<8.3f} "
+          f"{summary[server.name]['best_tokens_per_s']:9.0f} {statistics.median(ratios):15.2f}x  "
+          f"{' '.join(f'{r:.2f}' for r in ratios):<30} {p['float32'] / 1e9:.0f} / {p['bfloat16'] / 1e9:.0f} / "
+          f"{p['bfloat16->f32'] / 1e9:.0f}", flush=True)
+  print(f"  [{_load()}]")
+  results["compare"] = {"baseline": base, "variants": summary,
+                        "settings": {name: {"xla_flags": f, "overrides": o} for name, f, o in variants}}
 
 
 def bench_decode(results: dict) -> None:
-  """tools/bench_decode.py (the evaluation team's decode benchmark) at batch 1 and 16."""
-  print(f"\n== cached decoding, experiments/small.py, random init [{_context()}]", flush=True)
-  for batch in (1, 16):
-    cmd = [sys.executable, os.path.join(REPO, "tools", "bench_decode.py"), "--config=experiments/small.py",
-           f"--batch={batch}", "--prompt_len=32", "--new_tokens=64", "--repeats=3"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
-    rates = [line for line in proc.stdout.splitlines() if "tokens/s" in line or "speed-up" in line]
-    if proc.returncode or not rates:
-      print(f"  batch {batch}: FAILED {proc.stderr[-1500:]}")
-      continue
-    results.setdefault("decode", {})[str(batch)] = rates
-    for line in rates:
-      print(f"  batch {batch:>2}: {line.strip()}", flush=True)
+  """KV-cache decoding of experiments/small.py (random init) per batch and sampling weight format, against Hugging
+  Face `generate` on the same weights and prompts (--peer=torch), each in its own process."""
+  print(f"\n== cached decoding, experiments/small.py, random init, {_PROMPT_LEN.value}-token prompts, "
+        f"{_NEW_TOKENS.value} new tokens, best of {_DECODE_REPEATS.value} [{_context()}]", flush=True)
+  overrides = _overrides({})
+  rows = results.setdefault("decode", [])
+  for sampling in _DECODE_SAMPLING.value:
+    for batch in (int(b) for b in _DECODE_BATCHES.value):
+      with tempfile.TemporaryDirectory(prefix="bench_decode_hf_") as hf_dir:
+        hf_dir = os.path.join(hf_dir, "model")
+        ours = []
+        for i, weights in enumerate(_DECODE_WEIGHTS.value):
+          spec = {"kind": "decode", "config": "experiments/small.py", "overrides": overrides, "batch": batch,
+                  "prompt_len": _PROMPT_LEN.value, "new_tokens": _NEW_TOKENS.value, "repeats": _DECODE_REPEATS.value,
+                  "weights": weights, "sampling": sampling, "platform_cpu": True,
+                  "export_dir": hf_dir if i == 0 and _PEER.value == "torch" else ""}
+          r = _subprocess(spec)
+          if not r:
+            continue
+          ours.append(r)
+          rows.append({"side": "tweetjax", "batch": batch, "sampling": sampling, **r})
+          print(f"  batch {batch:>2} {sampling:<6} tweetjax weights={weights:<9} {r['tokens_per_s']:9.1f} tokens/s  "
+                f"({r['tokens']} tokens in {r['seconds']:.3f}s, compute {r['compute_dtype']})", flush=True)
+        if _PEER.value != "torch" or not ours or not os.path.exists(hf_dir):
+          continue
+        peers = []
+        for dtype in _DTYPES.value:
+          r = _subprocess({"kind": "torch_decode", "hf_dir": hf_dir, "new_tokens": _NEW_TOKENS.value,
+                           "repeats": _DECODE_REPEATS.value, "dtype": dtype, "sampling": sampling},
+                          timeout=_PEER_TIMEOUT.value)
+          if not r or "timed_out_s" in r:
+            continue
+          peers.append(r)
+          rows.append({"side": "torch", "batch": batch, "sampling": sampling, **r})
+          line = (f"  batch {batch:>2} {sampling:<6} HF generate {dtype:<9}    {r['tokens_per_s']:9.1f} tokens/s  "
+                  f"({r['tokens']} tokens in {r['seconds']:.3f}s, torch {r['torch']}, {r['threads']} threads)")
+          if sampling == "greedy" and dtype == "float32" and ours[0]["weights"] == "model":
+            same = np.mean(np.asarray(ours[0]["generated"]) == np.asarray(r["generated"]))
+            line += f"; greedy tokens equal to tweetjax's ({ours[0]['weights']} weights): {100 * same:.1f}%"
+          print(line, flush=True)
+        if peers:
+          best_ours = max(ours, key=lambda x: x["tokens_per_s"])
+          best_peer = max(peers, key=lambda x: x["tokens_per_s"])
+          ratio = best_ours["tokens_per_s"] / best_peer["tokens_per_s"]
+          results.setdefault("decode_ratio", {})[f"{sampling}_batch{batch}"] = ratio
+          print(f"  batch {batch:>2} {sampling:<6} best tweetjax ({best_ours['weights']}) / best HF "
+                f"({best_peer['dtype']}) = {ratio:.2f}x", flush=True)
 
 
 def bench_compile(results: dict) -> None:
@@ -324,22 +427,27 @@ def bench_compile(results: dict) -> None:
 def bench_gpu(results: dict) -> None:
   # JAX is not started here: the parent would hold the GPUs' memory while the worker runs.
   count = int(_DEVICES.value[0]) if _DEVICES.value != ["1", "8"] else _gpu_count()
-  overrides = _overrides({"model.dtype": "bfloat16", "model.attention_impl": "cudnn",
-                          "data.global_batch_size": _GPU_ROWS.value * count, "mesh.fsdp": -1, "mesh.data": 1})
-  spec = {"kind": "step", "config": "experiments/llama_1b.py", "overrides": overrides, "steps": _STEPS.value}
+  overrides = _overrides({"model.dtype": "bfloat16", "model.attention_impl": _GPU_ATTENTION.value,
+                          "data.global_batch_size": _GPU_ROWS.value * count, "mesh.fsdp": -1, "mesh.data": 1,
+                          "mesh.tensor": 1, "mesh.expert": 1})
+  spec = {"kind": "step", "config": _GPU_CONFIG.value, "overrides": overrides, "steps": _STEPS.value}
+  if _GPU_ALLOW_CPU.value:
+    spec["fake_devices"] = count
   r = _subprocess(spec)
   if not r:
-    return
-  if r["platform"] != "gpu":
+    raise RuntimeError(f"--gpu: the train-step worker for {_GPU_CONFIG.value} failed (its error is above)")
+  if r["platform"] != "gpu" and not _GPU_ALLOW_CPU.value:
     raise app.UsageError(f"--gpu needs a GPU; the worker ran on {r['platform']} ({r['device_kind']})")
   from tweetjax.train.flops import PEAK_FLOPS  # pylint: disable=g-import-not-at-top
   kind = r["device_kind"]
   peak = next((p["bfloat16"] for name, p in PEAK_FLOPS if name.lower() in kind.lower()), 0.0)
-  mfu = r["best_model_flops"] / (peak * r["devices"]) if peak else float("nan")
+  mfu = r["best_model_flops"] / (peak * r["devices"]) if peak else None  # None: no known peak (JSON null)
   results["gpu"] = {"device_kind": kind, "peak_per_device": peak, "mfu_best": mfu, **r}
-  print(f"\n== GPU train step, experiments/llama_1b.py, bf16, cuDNN attention, {r['devices']} x {kind}")
+  print(f"\n== GPU train step, {_GPU_CONFIG.value}, bf16, attention_impl={_GPU_ATTENTION.value}, "
+        f"{r['devices']} x {kind}")
   print(f"  {r['tokens_per_step']} tokens/step: {r['best_s']:.3f}s best, {r['median_s']:.3f}s median; "
-        f"{r['best_tokens_per_s']:.0f} tokens/s; MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s per device")
+        f"{r['best_tokens_per_s']:.0f} tokens/s; "
+        + (f"MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s per device" if mfu else f"no peak known for {kind}"))
 
 
 def _gpu_count() -> int:

@@ -54,35 +54,46 @@ def _matmul_rate(dtype: str, n: int, t: dict[str, float]) -> dict[str, float]:
   return {"dtype": dtype, "n": n, "best_flops": flops / t["best_s"], "median_flops": flops / t["median_s"], **t}
 
 
+class StepRunner:
+  """One config's jitted train step, its state and a few prepared batches; `step()` times one step."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    from tweetjax.train.experiment import build_experiment  # pylint: disable=g-import-not-at-top
+    from tweetjax.train.loop import make_train_iterator  # pylint: disable=g-import-not-at-top
+    self.config = config
+    self.experiment = experiment = build_experiment(config)
+    self.state = experiment.init_state()
+    self.step_fn = experiment.train_step()
+    batches = make_train_iterator(config, experiment)
+    self.batches = [next(batches) for _ in range(5)]  # host->device copies stay out of the timings
+    self.steps_done = 0
+    self.tokens = int(config.data.global_batch_size) * int(config.data.seq_len)
+    self.flops_per_token = flops_lib.flops_per_token(experiment.model_config, int(config.data.seq_len)).train
+    self.first_step_s = self.step()  # compiles
+
+  def step(self) -> float:
+    batch = self.batches[self.steps_done % len(self.batches)]
+    start = time.perf_counter()
+    self.state, self.metrics = self.step_fn(self.state, batch)
+    jax.block_until_ready(self.metrics)
+    self.steps_done += 1
+    return time.perf_counter() - start
+
+  def describe(self) -> dict[str, Any]:
+    device = self.experiment.mesh.devices.flat[0]
+    return {"platform": device.platform, "device_kind": device.device_kind, "devices": self.experiment.mesh.size,
+            "mesh": dict(self.experiment.mesh.shape), "tokens_per_step": self.tokens,
+            "flops_per_token": self.flops_per_token, "first_step_s": self.first_step_s,
+            "loss": float(self.metrics["loss"])}
+
+
 def train_step_rate(config: ml_collections.ConfigDict, steps: int = 5) -> dict[str, Any]:
   """Per-step time of the full jitted train step (forward, backward, optimizer) on synthetic batches."""
-  from tweetjax.train.experiment import build_experiment  # pylint: disable=g-import-not-at-top
-  from tweetjax.train.loop import make_train_iterator  # pylint: disable=g-import-not-at-top
-  experiment = build_experiment(config)
-  state = experiment.init_state()
-  step_fn = experiment.train_step()
-  batches = make_train_iterator(config, experiment)
-  prepared = [next(batches) for _ in range(min(steps, 4) + 1)]  # host->device copies stay out of the timings
-  start = time.perf_counter()
-  state, metrics = step_fn(state, prepared[0])
-  jax.block_until_ready(metrics)
-  compile_and_first_s = time.perf_counter() - start
-  seconds = []
-  for i in range(steps):
-    batch = prepared[1 + i % (len(prepared) - 1)]
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    seconds.append(time.perf_counter() - start)
-  tokens = int(config.data.global_batch_size) * int(config.data.seq_len)
-  f = flops_lib.flops_per_token(experiment.model_config, int(config.data.seq_len))
-  t = _stats(seconds)
-  device = experiment.mesh.devices.flat[0]
-  return {"platform": device.platform, "device_kind": device.device_kind,
-          "devices": experiment.mesh.size, "mesh": dict(experiment.mesh.shape), "tokens_per_step": tokens,
-          "flops_per_token": f.train, "first_step_s": compile_and_first_s, "loss": float(metrics["loss"]),
-          "best_tokens_per_s": tokens / t["best_s"], "median_tokens_per_s": tokens / t["median_s"],
-          "best_model_flops": f.train * tokens / t["best_s"], **t}
+  runner = StepRunner(config)
+  t = _stats([runner.step() for _ in range(steps)])
+  tokens = runner.tokens
+  return {**runner.describe(), "best_tokens_per_s": tokens / t["best_s"], "median_tokens_per_s": tokens / t["median_s"],
+          "best_model_flops": runner.flops_per_token * tokens / t["best_s"], **t}
 
 
 def compile_time(config: ml_collections.ConfigDict) -> dict[str, Any]:
