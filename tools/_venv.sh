@@ -2,7 +2,7 @@
 # The install is redone only when setup.cfg changes (its hash is kept in .venv/.tweetjax-setup).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$REPO/.venv"
+VENV="${TWEETJAX_VENV:-$REPO/.venv}"  # tools/gpu_check.sh keeps its own (.venv-gpu)
 EXTRAS="${TWEETJAX_EXTRAS:-test}"
 PYTHON_BIN="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 if [ ! -x "$VENV/bin/python" ]; then
