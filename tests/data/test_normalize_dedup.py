@@ -98,4 +98,19 @@ def test_minhash_deterministic_and_estimates_jaccard():
   est = (s1[0] == s1[1]).mean()
   assert abs(est - dedup.jaccard(a, b)) < 0.1
   assert (s1[0] == s1[2]).mean() < 0.1
-  assert list(dedup.NearDuplicateFilter().keep([a, b, BASE[1], "x", "x"])) == [True, True, True, True, False]
+  recs = [_rec(i, t) for i, t in enumerate([a, b, BASE[1], "x", a + "!!", "y"])]
+  assert dedup.near_duplicates(recs, dedup.NearDuplicateLSH()) == {dedup.rank(recs[4])}  # a + "!!" -> a
+
+
+def test_bucket_rule_is_order_and_partition_independent():
+  rng = np.random.default_rng(0)
+  buckets_M = rng.integers(0, 40, 600).astype(np.uint64)
+  ranks_M = [f"r{i:03d}" for i in rng.integers(0, 300, 600)]
+  pairs = set(dedup.bucket_pairs(buckets_M, ranks_M))
+  for m, rep in pairs:  # the representative is the smallest rank of the member's bucket
+    mates = {r for b, r in zip(buckets_M, ranks_M) if b in buckets_M[[x == m for x in ranks_M]]}
+    assert rep < m and rep in mates
+  perm = rng.permutation(600)
+  parts = [perm[buckets_M[perm] % 3 == p] for p in range(3)]  # buckets split over 3 partitions, shuffled
+  assert set().union(*(dedup.bucket_pairs(buckets_M[i], [ranks_M[j] for j in i]) for i in parts)) == pairs
+  assert dedup.bucket_pairs(np.array([7, 7, 7], np.uint64), ["b", "a", "c"]) == [("b", "a"), ("c", "a")]
