@@ -49,7 +49,8 @@ def serialize(record: dict[str, Any]) -> bytes:
   ex = {k: record.get(k, "") for k in keys}
   ex["is_retweet"] = int(record["is_retweet"])
   ex["num_tweets"] = int(record.get("num_tweets", 1))
-  return serializer.serialize_example(feats.encode_example(ex))
+  # deterministic: map fields in key order, so every process writes the same bytes (the default order is per process)
+  return serializer.get_tf_example(feats.encode_example(ex)).SerializeToString(deterministic=True)
 
 
 @functools.cache
