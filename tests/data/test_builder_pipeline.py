@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tweetjax.data import builder, normalize, pipeline, synthetic
+from tweetjax.data import builder, normalize, pipeline, synthetic, writer
 from tweetjax.data.tokenizer import Tokenizer
 
 FIX = pathlib.Path(__file__).parent / "fixtures"
@@ -188,3 +188,11 @@ def test_cli_synthetic_build_then_refuse(tmp_path):
   assert "skipped: malformed_json" in first.stdout and (out / "raw" / "v1" / "statuses.json").exists()
   second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
   assert second.returncode == 1 and "--overwrite" in second.stderr
+
+
+def test_direct_serialization_equals_tfds_encoder(dataset):
+  path, _ = dataset
+  examples = pipeline.load_examples(path, "validation")[:200]
+  examples += [{**examples[0], "text": "", "topic": "", "num_tweets": 3, "toxicity": -1}]
+  for ex in examples:
+    assert writer.serialize(ex) == writer.tfds_serialize(ex)

