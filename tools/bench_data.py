@@ -90,7 +90,8 @@ def _rss_peaks(root_pid: int, peaks: dict[int, tuple[str, int]], stop: threading
           cmd = f.read()
       except (OSError, StopIteration):
         continue
-      role = "driver" if pid == root_pid else "worker" if "sdk_worker_main" in cmd else "other"
+      is_worker = "sdk_worker_main" in cmd and not cmd.split("\0")[0].endswith("sh")  # not the shell around it
+      role = "driver" if pid == root_pid else "worker" if is_worker else "other"
       peaks[pid] = (role, max(hwm, peaks.get(pid, ("", 0))[1]))
     stop.wait(0.1)
 

@@ -2,9 +2,9 @@
 
   reads      one task per file, or per byte range of a large JSONL/CSV file (ranges.py); parse, normalize, filter
   ids        keyed by id: one record per id (dedup.id_rank)
-  text       keyed by the normalized text's digest: one record per text (dedup.rank); MinHash signatures
+  text       keyed by the normalized text's digest: one record per text (dedup.rank); LSH band buckets
   bands      keyed by LSH band bucket: (member, representative) pairs        } near duplicates,
-  repsigs    keyed by representative: its signature to each member          } the rule of dedup.py
+  reps       keyed by representative: its signature to each member          } the rule of dedup.py
   near       keyed by member: drop it if its signature is within the threshold of a representative's
   [threads]  keyed by id: parents, then LOG2_MAX_REPLY_DEPTH pointer-jumping rounds (threads.py); keyed by root:
              join each conversation
@@ -169,16 +169,18 @@ def _r_text(inputs, stats, config: builder.BuildConfig):
   out = {"records": records}
   if config.dedup_near and records:
     lsh = dedup.NearDuplicateLSH(config.near_threshold)
-    ranks_N = np.array([dedup.rank(r) for r in records], dtype=object)
-    sig_NxP = lsh.signatures([r["text"] for r in records])
-    buckets_NxB = lsh.buckets(sig_NxP)
+    buckets_NxB = lsh.buckets(lsh.signatures([r["text"] for r in records]))
+    ranks_N = dedup.rank_bytes([dedup.rank(r) for r in records])
     out["bands"] = (buckets_NxB.ravel(), np.repeat(ranks_N, lsh.bands))
-    out["sigs"] = (_hashes(ranks_N), ranks_N, sig_NxP)
   return out
 
 
 def _text_hash(record) -> int:
   return int.from_bytes(builder.text_key(record)[:8], "big")
+
+
+def _rank_hash(record) -> int:
+  return dedup.stable_hash(dedup.rank_bytes([dedup.rank(record)])[0])
 
 
 def _hashes(strings) -> np.ndarray:
@@ -194,31 +196,39 @@ def _r_bands(inputs, stats):
   return {"pairs": (_hashes(reps), reps, members)}
 
 
-def _r_repsigs(inputs, stats):
+def _signatures(records, lsh) -> dict[bytes, np.ndarray]:
+  ranks = dedup.rank_bytes([dedup.rank(r) for r in records]).tolist()
+  return dict(zip(ranks, lsh.signatures([r["text"] for r in records])))
+
+
+def _r_reps(inputs, stats, config: builder.BuildConfig):
+  """At each representative: its signature (from its text, cheaper to move than 64 hash values) to its members."""
   del stats
-  if inputs.get("pairs") is None or inputs.get("sigs") is None:
+  if inputs.get("pairs") is None:
     return {}
-  _, ranks_N, sig_NxP = inputs["sigs"]
-  row = {r: i for i, r in enumerate(ranks_N.tolist())}
   _, reps, members = inputs["pairs"]
-  return {"repsigs": (_hashes(members), members, sig_NxP[[row[r] for r in reps.tolist()]])}
+  wanted = set(reps.tolist())
+  records = [r for r in inputs.get("records") or [] if dedup.rank_bytes([dedup.rank(r)])[0] in wanted]
+  sigs = _signatures(records, dedup.NearDuplicateLSH(config.near_threshold))
+  return {"repsigs": (_hashes(members), members, np.stack([sigs[r] for r in reps.tolist()]))}
 
 
 def _r_near(inputs, stats, config: builder.BuildConfig):
+  """At each member: dropped if a representative's signature is within the threshold of its own."""
   records = inputs.get("records") or []
   if inputs.get("repsigs") is None:
     return {"records": records}
   _, members, rep_sigs = inputs["repsigs"]
   by_member = collections.defaultdict(list)
-  for m, s in zip(members.tolist(), rep_sigs):
-    by_member[m].append(s)
+  for m, sig in zip(members.tolist(), rep_sigs):
+    by_member[m].append(sig)
   lsh = dedup.NearDuplicateLSH(config.near_threshold)
-  candidates = [r for r in records if dedup.rank(r) in by_member]
-  sig_NxP = lsh.signatures([r["text"] for r in candidates])
-  dropped = {dedup.rank(r) for r, sig in zip(candidates, sig_NxP)
-             if any(lsh.similar(sig, s) for s in by_member[dedup.rank(r)])}
+  ranks = dedup.rank_bytes([dedup.rank(r) for r in records]).tolist()
+  candidates = [r for r, k in zip(records, ranks) if k in by_member]
+  own = _signatures(candidates, lsh)
+  dropped = {k for k, sig in own.items() if any(lsh.similar(sig, s) for s in by_member[k])}
   stats["near_duplicate"] += len(dropped)
-  return {"records": [r for r in records if dedup.rank(r) not in dropped]}
+  return {"records": [r for r, k in zip(records, ranks) if k not in dropped]}
 
 
 def _r_parents(inputs, stats):
@@ -319,21 +329,27 @@ class _Serialize(beam.DoFn):
   def process(self, records):
     out, stats = [], Stats()
     splits = [builder.split_of(r["id"], self._fraction) for r in records]
+    totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for r, split in zip(records, splits):
-      out.append((split, writer.hkey(split, r["id"]), writer.serialize(r)))
+      data = writer.serialize(r)
+      out.append((split, writer.hkey(split, r["id"]), data))
+      totals[split][0] += 1
+      totals[split][1] += len(data)
     if self._tok is not None:
       for split, ids in zip(splits, self._tok.encode_batch([r["text"] for r in records])):
         stats[f"tokens/{split}"] += len(ids) + 2
     _commit(stats)
-    yield out
+    for split, t in totals.items():
+      yield beam.pvalue.TaggedOutput("totals", (split, tuple(t)))
+    yield _pack(out)  # packed: this collection waits for the totals, so the Python runners keep all of it
 
 
 class _AssignShards(beam.DoFn):
   """(split, hkey, data) -> ((split, shard, shards), hkey, data), the shard count from the split's totals."""
 
-  def process(self, items, totals):
+  def process(self, packed, totals):
     out = []
-    for split, hkey, data in items:
+    for split, hkey, data in _unpack(packed):
       count, size = totals[split]
       shards = writer.num_shards(count, size)
       out.append(((split, writer.shard_of(hkey, shards), shards), hkey, data))
@@ -348,14 +364,6 @@ def _shard_key(item) -> int:
 def _write_infos(infos: list, root: str) -> None:
   with open(os.path.join(root, _SHARD_INFOS), "w") as f:
     json.dump(infos, f)
-
-
-def _split_totals(chunk) -> list[tuple[str, tuple[int, int]]]:
-  totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-  for split, _, data in chunk:
-    totals[split][0] += 1
-    totals[split][1] += len(data)
-  return [(split, tuple(t)) for split, t in totals.items()]
 
 
 def _add_totals(values) -> tuple[int, int]:
@@ -381,25 +389,25 @@ def build_pipeline(p: beam.Pipeline, plan: Sequence[ranges.Range], total_bytes: 
 
   records = _round("ids", {"records": _scatter(records, "ids/scatter", parts, by_id)}, _r_ids, ["records"])["records"]
   text = _round("text", {"records": _scatter(records, "text/scatter", parts, _text_hash)}, _r_text,
-                ["records", "bands", "sigs"], columns=["bands", "sigs"], config=config)
+                ["records", "bands"], columns=["bands"], config=config)
   records = text["records"]
   if config.dedup_near:
     bands = _round("bands", {"bands": _scatter(text["bands"], "bands/scatter", parts)}, _r_bands, ["pairs"],
                    columns=["bands", "pairs"])
-    repsigs = _round("repsigs", {"sigs": _scatter(text["sigs"], "repsigs/scatter_sigs", parts),
-                                 "pairs": _scatter(bands["pairs"], "repsigs/scatter_pairs", parts)},
-                     _r_repsigs, ["repsigs"], columns=["sigs", "pairs", "repsigs"])["repsigs"]
-    by_rank = lambda r: dedup.stable_hash(dedup.rank(r))
-    records = _round("near", {"records": _scatter(records, "near/scatter", parts, by_rank),
+    repsigs = _round("reps", {"records": _scatter(records, "reps/scatter_records", parts, _rank_hash),
+                              "pairs": _scatter(bands["pairs"], "reps/scatter_pairs", parts)},
+                     _r_reps, ["repsigs"], columns=["pairs", "repsigs"], config=config)["repsigs"]
+    records = _round("near", {"records": _scatter(records, "near/scatter", parts, _rank_hash),
                               "repsigs": _scatter(repsigs, "near/scatter_repsigs", parts)},
                      _r_near, ["records"], columns=["repsigs"], config=config)["records"]
   if config.join_threads:
     records = _threads(records, parts)
 
-  examples = records | "serialize" >> beam.ParDo(_Serialize(config.validation_fraction, tokenizer_path))
-  totals = (examples | "totals/split" >> beam.FlatMap(_split_totals)
-            | "totals/sum" >> beam.CombinePerKey(_add_totals))
-  assigned = examples | "assign_shards" >> beam.ParDo(_AssignShards(), totals=beam.pvalue.AsDict(totals))
+  examples = records | "serialize" >> beam.ParDo(_Serialize(config.validation_fraction, tokenizer_path)).with_outputs(
+      "totals", main="examples")
+  totals = examples["totals"] | "totals/sum" >> beam.CombinePerKey(_add_totals)
+  assigned = examples["examples"] | "assign_shards" >> beam.ParDo(_AssignShards(),
+                                                                  totals=beam.pvalue.AsDict(totals))
   shard_parts = max(parts, 8)
   infos = _round("write", {"examples": _scatter(assigned, "write/scatter", shard_parts, _shard_key)}, _r_write,
                  ["infos"], root=root)["infos"]
