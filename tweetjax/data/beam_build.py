@@ -33,13 +33,14 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms import window
+from etils import epath
 import numpy as np
 import zstandard
 
 from tweetjax.data import builder, dedup, formats, ranges, threads, writer
 
 NAMESPACE = "tweetjax"
-PARTITION_INPUT_BYTES = 64 << 20  # input bytes per partition of a keyed round: bounds what one worker holds
+PARTITION_INPUT_BYTES = 16 << 20  # input bytes per partition of a keyed round: bounds what one worker holds
 BLOB_ITEMS = 4096  # items per blob a bundle emits
 DEFAULT_OPTIONS = "--runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers=0"
 _SHARD_INFOS = "shard_infos.json"
@@ -190,7 +191,7 @@ def _hashes(strings) -> np.ndarray:
 def _r_bands(inputs, stats):
   del stats
   buckets_M, ranks_M = inputs["bands"]
-  pairs = dedup.bucket_pairs(buckets_M, ranks_M)
+  pairs = sorted(set(dedup.bucket_pairs(buckets_M, ranks_M)))  # a pair sharing several bands, once
   reps = np.array([r for _, r in pairs], dtype=object)
   members = np.array([m for m, _ in pairs], dtype=object)
   return {"pairs": (_hashes(reps), reps, members)}
@@ -207,10 +208,12 @@ def _r_reps(inputs, stats, config: builder.BuildConfig):
   if inputs.get("pairs") is None:
     return {}
   _, reps, members = inputs["pairs"]
-  wanted = set(reps.tolist())
+  pairs = sorted(set(zip(reps.tolist(), members.tolist())))  # a pair found in several band partitions, once
+  wanted = {rep for rep, _ in pairs}
   records = [r for r in inputs.get("records") or [] if dedup.rank_bytes([dedup.rank(r)])[0] in wanted]
   sigs = _signatures(records, dedup.NearDuplicateLSH(config.near_threshold))
-  return {"repsigs": (_hashes(members), members, np.stack([sigs[r] for r in reps.tolist()]))}
+  members = np.array([m for _, m in pairs], dtype=object)
+  return {"repsigs": (_hashes(members), members, np.stack([sigs[rep] for rep, _ in pairs]))}
 
 
 def _r_near(inputs, stats, config: builder.BuildConfig):
@@ -362,8 +365,7 @@ def _shard_key(item) -> int:
 
 
 def _write_infos(infos: list, root: str) -> None:
-  with open(os.path.join(root, _SHARD_INFOS), "w") as f:
-    json.dump(infos, f)
+  (epath.Path(root) / _SHARD_INFOS).write_text(json.dumps(infos))
 
 
 def _add_totals(values) -> tuple[int, int]:
@@ -374,7 +376,7 @@ def _add_totals(values) -> tuple[int, int]:
 def _plan(inputs, split_bytes: int) -> tuple[list[ranges.Range], int]:
   files = formats.list_inputs(inputs)
   plan = [rng for f in files for rng in ranges.plan(f, split_bytes)]
-  return plan, sum(os.path.getsize(f) for f in files)
+  return plan, sum(f.stat().length for f in files)
 
 
 def build_pipeline(p: beam.Pipeline, plan: Sequence[ranges.Range], total_bytes: int, root: str,
@@ -481,10 +483,9 @@ def run(inputs, root, config: builder.BuildConfig, *, beam_options: str = "", to
   if state != beam.runners.runner.PipelineState.DONE:
     raise RuntimeError(f"the Beam build of {root} ended in state {state}")
   stats = _counters(result)
-  infos_path = os.path.join(root, _SHARD_INFOS)
-  with open(infos_path) as f:
-    infos = json.load(f)
-  os.remove(infos_path)
+  infos_path = epath.Path(root) / _SHARD_INFOS
+  infos = json.loads(infos_path.read_text())
+  infos_path.unlink()
   lengths: dict[str, list[int]] = {}
   for split, shard, shards, count, _ in infos:
     lengths.setdefault(split, [0] * shards)[shard] = count

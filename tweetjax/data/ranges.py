@@ -49,8 +49,12 @@ def _is_jsonl(head: bytes) -> bool:
   return any(line.strip() for line in lines)
 
 
+def _open(path: str):
+  return epath.Path(path).open("rb")  # local files, or gs://... etc. where etils has the backend
+
+
 def kind_of(path: str | os.PathLike) -> str:
-  with open(path, "rb") as f:
+  with _open(path) as f:
     head = f.read(_HEAD_BYTES)
   kind = formats.detect_format(str(path), head)
   if kind == "csv":
@@ -64,7 +68,7 @@ def plan(path: str | os.PathLike, split_bytes: int = SPLIT_BYTES) -> list[Range]
   """The ranges of one file (one range unless it is a JSONL/CSV file larger than `split_bytes` > 0)."""
   path = os.fspath(path)
   kind = kind_of(path)
-  size = os.path.getsize(path)
+  size = epath.Path(path).stat().length
   if kind == "whole" or split_bytes <= 0 or size <= split_bytes:
     return [Range(path, "whole")]
   starts = list(range(0, size, split_bytes))
@@ -74,7 +78,7 @@ def plan(path: str | os.PathLike, split_bytes: int = SPLIT_BYTES) -> list[Range]
 def count_quotes(rng: Range) -> int:
   """The number of `"` bytes in the range (CSV row starts depend on the quote parity before them)."""
   total = 0
-  with open(rng.path, "rb") as f:
+  with _open(rng.path) as f:
     f.seek(rng.start)
     left = rng.end - rng.start
     while left > 0:
@@ -94,7 +98,7 @@ def _first_line_start(f, start: int) -> int:
 
 
 def _read_jsonl(rng: Range, stats: collections.Counter) -> Iterator[formats.Record]:
-  with open(rng.path, "rb") as f:
+  with _open(rng.path) as f:
     pos = _first_line_start(f, rng.start)
     f.seek(pos)
     while pos < rng.end:
@@ -149,11 +153,11 @@ class _LineOffsets:
 
 
 def _read_csv(rng: Range, stats: collections.Counter, quotes_before: int) -> Iterator[formats.Record]:
-  with open(rng.path, "rb") as f:
+  with _open(rng.path) as f:
     header_lines = _LineOffsets(f, 0)
     fieldnames = formats.csv_reader(header_lines, rng.path).fieldnames
     data_start = header_lines.pos
-  with open(rng.path, "rb") as f:
+  with _open(rng.path) as f:
     pos = data_start if rng.start <= data_start else _first_row_start(f, rng.start, quotes_before)
     lines = _LineOffsets(f, pos)
     reader = csv.reader(lines)
