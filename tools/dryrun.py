@@ -172,7 +172,8 @@ def _prepare_prediction(config):
   if _SEARCH.value:
     devices = _DEVICES.value or math.prod(_full_mesh(config).values())
     space = layout_search.SearchSpace(axes=layout_search.axes_of(_SEARCH_AXES.value.split(",")),
-                                      remat=tuple(_SEARCH_REMAT.value.split(",")),
+                                      remat=tuple(_SEARCH_REMAT.value.split(",")) if flags.FLAGS[
+                                          "search_remat"].present else layout_search.REMAT,
                                       max_microbatches=_SEARCH_MAX_MICRO.value)
     memory_gib = _MEMORY.value if flags.FLAGS["device_memory_gib"].present else hw.hbm_bytes / 2**30
     hw_search = hw if not flags.FLAGS["device_memory_gib"].present else hardware.dataclasses.replace(

@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 from tweetjax.perf import hardware as hardware_lib
 from tweetjax.perf import memory as memory_lib
 from tweetjax.perf import step_time
-from tweetjax.perf.workload import Layout, ModelShape, Program, param_shard_elements, rows_per_microbatch
+from tweetjax.perf.workload import REMAT, Layout, ModelShape, Program, param_shard_elements, rows_per_microbatch
 
 GIB = 2**30
 
@@ -34,7 +34,7 @@ GIB = 2**30
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
   axes: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")
-  remat: tuple[str, ...] = ("none", "dots_no_batch", "full")
+  remat: tuple[str, ...] = REMAT
   max_microbatches: int = 256
   virtual_stages: tuple[int, ...] = (1, 2, 4)
   max_context: int = 16
@@ -156,6 +156,12 @@ def mesh_flag(layout: Layout) -> str:
 def format_search(result: SearchResult, top: int = 5, breakdowns: int = 3, tokens: float = 0.0) -> str:
   lines = [f"layout search: {result.devices} GPUs, {result.considered} layouts considered, {result.over_memory} over "
            f"{result.memory_limit / GIB:.1f} GiB, {len(result.ranked)} kept ({result.seconds:.1f} s)"]
+  if not result.considered:
+    lines.append(f"no mesh of {result.devices} GPUs over the allowed axes divides the model and the global batch: "
+                 f"the batch shards (data x fsdp x expert) must divide the global batch and the other axes the "
+                 f"model (heads, layers, sequence); change --global_batch or --devices, or allow more axes "
+                 f"(--search_axes)")
+    return "\n".join(lines)
   if not result.ranked:
     lines.append("no layout fits: allow more axes (--search_axes), a smaller batch per device, or more remat")
     return "\n".join(lines)

@@ -250,13 +250,18 @@ def work(shape: ModelShape, layout: Layout, program: Program) -> Work:
   attn_bwd = 2.5 if flash else 2.0  # flash attention's backward recomputes the scores: 5 matmuls against 2
 
   recompute_layer = remat == "full"
+  # The expert matmuls are batched over the experts: dots_no_batch does not save them either, so the dispatch,
+  # the expert FFN and the combine are recomputed (as with full remat) when the layer has experts.
+  recompute_experts = remat in ("full", "dots_no_batch")
   recompute_attention = remat == "full" or (remat in ("dots", "dots_no_batch") and flash) or (
       remat == "dots_no_batch" and not flash)  # a fused kernel is no dot; the scores' dots have batch dims
   skip_last = recompute_layer and program.remat_skips_layer_output
   matmul = {"fwd": nl * proj + ndense * mlp + nmoe * experts,
             "bwd": 2 * (nl * proj + ndense * mlp + nmoe * experts)}
   if recompute_layer:
-    matmul["bwd"] += nl * proj + ndense * (mlp - (mlp_last if skip_last else 0)) + nmoe * experts
+    matmul["bwd"] += nl * proj + ndense * (mlp - (mlp_last if skip_last else 0))
+  if recompute_experts:
+    matmul["bwd"] += nmoe * experts
   head = 2.0 * T * D * V / t
   matmul["fwd"] += head
   matmul["bwd"] += 2 * head
@@ -281,8 +286,8 @@ def work(shape: ModelShape, layout: Layout, program: Program) -> Work:
   memory = {"fwd": fwd_mem, "bwd": 2 * fwd_mem}
   if recompute_layer:
     memory["bwd"] += fwd_mem
-  elif recompute_attention:
-    memory["bwd"] += nl * scores
+  else:
+    memory["bwd"] += (nl * scores if recompute_attention else 0) + (nmoe * moe_mem if recompute_experts else 0)
   logits = T * V / t * (a + 20)  # write the logits; fp32 softmax, loss and its gradient
   memory["fwd"] += logits * 0.6 + 3 * a * T * D
   memory["bwd"] += logits * 0.4
@@ -292,14 +297,14 @@ def work(shape: ModelShape, layout: Layout, program: Program) -> Work:
   opt_shard = shard / (m["data"] if program.optimizer_over_data else 1)
 
   comms = _comms(shape, layout, program, T=T, nl=nl, nmoe=nmoe, routed=routed, recompute_layer=recompute_layer,
-                 skip_last=skip_last)
+                 recompute_dispatch=remat != "none", skip_last=skip_last)
   return Work(matmul=matmul, attention=attention, memory=memory, comms=comms,
               step_memory=program.optimizer_bytes * opt_shard, layers_per_stage=nl, moe_layers_per_stage=nmoe,
               rows=b, tokens=T)
 
 
 def _comms(shape: ModelShape, layout: Layout, program: Program, *, T: float, nl: int, nmoe: float, routed: float,
-           recompute_layer: bool, skip_last: bool) -> list[Comm]:
+           recompute_layer: bool, recompute_dispatch: bool, skip_last: bool) -> list[Comm]:
   m = layout.mesh
   t, p, v = layout.size(program.tensor_axes), m["stage"], layout.virtual_stages
   D, a = shape.d_model, program.activation_bytes
@@ -360,9 +365,11 @@ def _comms(shape: ModelShape, layout: Layout, program: Program, *, T: float, nl:
   add("all-reduce attention input grad", "tp", "all-reduce", tp, act, nl, "bwd")
   add("all-reduce MLP input grad", "tp", "all-reduce", tp, act, ndense, "bwd")
   add("all-reduce expert input grad", "tp", "all-reduce", tp, expert_act, nmoe, "bwd")
+  # Any remat policy recomputes the all-to-alls and the expert output's all-reduce (no dots: never saved).
+  if recompute_dispatch:
+    add("all-reduce expert output (recompute)", "tp", "all-reduce", tp, expert_act, nmoe, "bwd")
   if recompute_layer:
     add("all-reduce attention output (recompute)", "tp", "all-reduce", tp, act, nl, "bwd")
-    add("all-reduce expert output (recompute)", "tp", "all-reduce", tp, expert_act, nmoe, "bwd")
     if not skip_last:
       add("all-reduce MLP output (recompute)", "tp", "all-reduce", tp, act, ndense, "bwd")
   add("all-reduce embedding lookup / LM head input grad", "tp", "all-reduce", tp, act, 2 if p == 1 else 1, "fwd")
@@ -371,7 +378,7 @@ def _comms(shape: ModelShape, layout: Layout, program: Program, *, T: float, nl:
   ea = program.expert_axes
   add("all-to-all expert dispatch + combine", "a2a", "all-to-all", ea, expert_act, 2 * nmoe, "fwd")
   add("all-to-all expert dispatch + combine (backward)", "a2a", "all-to-all", ea, expert_act,
-      2 * nmoe * (2 if recompute_layer else 1), "bwd")
+      2 * nmoe * (2 if recompute_dispatch else 1), "bwd")
 
   # Pipeline: activations forward and their gradients backward, once per chunk boundary.
   sent = act / (t if program.pp_scatter_gather else 1)
