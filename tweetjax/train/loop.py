@@ -9,6 +9,7 @@ backend and mesh, and metrics.jsonl is rewound to that checkpoint.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -96,6 +97,7 @@ def _log_config_change(saved: dict[str, Any] | None, config: ml_collections.Conf
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to config.train.steps (resuming from `workdir` if it holds a checkpoint); returns the last metrics."""
+  workdir = os.path.abspath(workdir)  # tools pass it absolute already; library callers may not
   nonfinite_mode = str(config.train.nonfinite)
   if nonfinite_mode not in NONFINITE_MODES:
     raise ValueError(f"config.train.nonfinite={nonfinite_mode!r}: expected one of {NONFINITE_MODES}")
