@@ -85,6 +85,11 @@ def test_every_tool_with_relative_paths(tmp_path):
   saved = json.load(open(cwd / "runs/rel/checkpoints/6/config/metadata"))
   assert saved["data"]["dataset_dir"] == str(cwd / "data/tw"), saved["data"]
   assert saved["data"]["tokenizer_path"] == str(cwd / "data/tw/tokenizer.model")
+  # The TensorBoard viewer (the [tensorboard] extra) reads the run's event files, resumed run included.
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(str(cwd / "runs/rel/tensorboard"))
+  events.Reload()
+  assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
 
   eval_args = (f"--config={tiny}", *ONE_DEVICE, *data, "--config.model.vocab_size=512")
   out = run(cwd, "evaluate.py", *eval_args, "--workdir=runs/rel", "--job=perplexity",
