@@ -19,6 +19,7 @@ import tracemalloc
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from tweetjax import paths
 from tweetjax.convert import hf as hf_convert
 from tweetjax.convert import hf_config
 
@@ -64,6 +65,7 @@ def main(argv):
     tracemalloc.start()
   started = time.perf_counter()
   config = _CONFIG.value
+  paths.resolve_tool_paths(config, _HF_DIR, _WORKDIR, _TOKENIZER)  # relative to where the command started
   if _MODE.value == "import":
     record = hf_convert.import_hf(_HF_DIR.value, _WORKDIR.value, config, vocab_multiple=_VOCAB_MULTIPLE.value)
     overrides = " ".join(f"--config.model.{k}={v}" for k, v in record["model_overrides"].items())

@@ -21,6 +21,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from tweetjax import paths
 from tweetjax.perf import env
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=False)
@@ -54,6 +55,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  paths.resolve_tool_paths(config, _JSON)  # relative to where the command started
   if _MESH.value:
     mesh = {axis: 1 for axis in ("data", "fsdp", "expert", "tensor")}
     mesh.update(parse_mesh(_MESH.value))
@@ -102,6 +104,7 @@ def main(argv):
     print(build_experiment(config).sharding_report())
   print(dryrun.format_report(result), flush=True)
   if _JSON.value:
+    os.makedirs(os.path.dirname(_JSON.value), exist_ok=True)
     with open(_JSON.value, "w") as f:
       json.dump(result.summary(), f, indent=1)
 

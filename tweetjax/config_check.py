@@ -185,6 +185,7 @@ RULES: dict[str, Rule] = {
     "checkpoint.max_to_keep": COUNT,  # 0: keep all
     "checkpoint.keep_every_steps": COUNT,
     "checkpoint.async_save": BOOL,
+    "checkpoint.keep_incomplete": COUNT,
     # eval
     "eval.data_dir": STRING,
     "eval.batch_size": POSITIVE_INT,

@@ -9,6 +9,7 @@ backend and mesh, and metrics.jsonl is rewound to that checkpoint.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -97,6 +98,7 @@ def _log_config_change(saved: dict[str, Any] | None, config: ml_collections.Conf
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to config.train.steps (resuming from `workdir` if it holds a checkpoint); returns the last metrics."""
   check_config(config)  # every bad key in one error, before the watcher, the compilation cache or the mesh
+  workdir = os.path.abspath(workdir)  # tools pass it absolute already; library callers may not
   # Watch for SIGTERM from the start: a preemption during start-up then stops after the first step, with a save.
   watcher = PreemptionWatcher(int(config.train.preemption_check_every))
   try:
