@@ -28,6 +28,7 @@ import ml_collections
 from absl import logging
 
 from tweetjax import paths
+from tweetjax.config_check import check_config
 from tweetjax.perf.env import with_fake_devices
 from tweetjax.sweep import spec
 
@@ -71,6 +72,7 @@ def plan(config_path: str, workdir: str, devices_per_point: int = 0) -> list[Poi
     point = Point(name, overrides, os.path.join(workdir, name), None)
     try:
       point.config = spec.apply_overrides(base, overrides)
+      check_config(point.config)  # every point's values, before any point starts
     except (KeyError, TypeError, ValueError) as e:
       point.error = f"invalid override: {e}"
       points.append(point)
