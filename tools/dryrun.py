@@ -29,6 +29,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from tweetjax import paths
 from tweetjax.perf import env, hardware, layout_search, links, plan, step_time
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=False)
@@ -79,6 +80,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  paths.resolve_tool_paths(config, _JSON)  # relative to where the command started
   if _PREDICT.value:
     config = _prepare_prediction(config)
     if config is None:
@@ -114,9 +116,7 @@ def main(argv):
                          log=lambda line: print(line, flush=True))
     print(dryrun.format_search(rows))
     print(dryrun.CPU_ESTIMATE_NOTE)
-    if _JSON.value:
-      with open(_JSON.value, "w") as f:
-        json.dump({"search": rows}, f, indent=1)
+    _write_json({"search": rows})
     return
 
   result = dryrun.dry_run(config, device_memory_bytes=memory, usable_fraction=_USABLE.value)
@@ -131,9 +131,14 @@ def main(argv):
                                                     plan.program_for(config, _PROGRAM.value), _VIRTUAL.value)
     print("\n" + report + "\n\n" + step_time.format_prediction(pred, _TOKENS.value))
     summary["prediction"] = dict(pred.summary(), compiled_checks=[dataclasses.asdict(c) for c in checks])
+  _write_json(summary)
+
+
+def _write_json(obj) -> None:
   if _JSON.value:
+    os.makedirs(os.path.dirname(_JSON.value), exist_ok=True)
     with open(_JSON.value, "w") as f:
-      json.dump(summary, f, indent=1)
+      json.dump(obj, f, indent=1)
 
 
 _FULL_CONFIG, _PLAN = [], []  # the unsliced config and the slice plan, for the compiled prediction
@@ -192,10 +197,8 @@ def _prepare_prediction(config):
                                             _PREDICT.value, device_memory_gib=memory_gib,
                                             slice_devices=_SLICE.value, workdir=workdir,
                                             log=lambda line: print(line, flush=True))
-    if _JSON.value:
-      with open(_JSON.value, "w") as f:
-        json.dump({"search": [{"memory_bytes": c.memory.total, **c.prediction.summary()} for c in result.ranked],
-                   "considered": result.considered, "seconds": result.seconds, "confirmed": confirmed}, f, indent=1)
+    _write_json({"search": [{"memory_bytes": c.memory.total, **c.prediction.summary()} for c in result.ranked],
+                 "considered": result.considered, "seconds": result.seconds, "confirmed": confirmed})
     return None
   mesh = _full_mesh(config)
   slice_plan = plan.plan_slice(mesh, _SLICE.value)
@@ -203,9 +206,7 @@ def _prepare_prediction(config):
     reason = "analytic (--analytic)" if _ANALYTIC.value else slice_plan.reason
     pred = plan.analytic_prediction(config, mesh, hw, program, _VIRTUAL.value, reason)
     print(step_time.format_prediction(pred, _TOKENS.value))
-    if _JSON.value:
-      with open(_JSON.value, "w") as f:
-        json.dump({"prediction": pred.summary()}, f, indent=1)
+    _write_json({"prediction": pred.summary()})
     return None
   _FULL_CONFIG.append(config)
   _PLAN.append(slice_plan)
