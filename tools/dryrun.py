@@ -128,7 +128,7 @@ def main(argv):
   if _PREDICT.value:
     hw = hardware.get_profile(_PREDICT.value, _HW.value)
     pred, report, checks = plan.compiled_prediction(_FULL_CONFIG[0], result, _PLAN[0], hw,
-                                                    plan.program_for(config, _PROGRAM.value), _VIRTUAL.value)
+                                                    plan.program_for(_FULL_CONFIG[0], _PROGRAM.value), _VIRTUAL.value)
     print("\n" + report + "\n\n" + step_time.format_prediction(pred, _TOKENS.value))
     summary["prediction"] = dict(pred.summary(), compiled_checks=[dataclasses.asdict(c) for c in checks])
   _write_json(summary)

@@ -8,7 +8,7 @@ The global batch is fixed (the config's, or --global_batch): the per-device batc
 microbatch count. Only the axes of `SearchSpace.axes` are used: by default the ones tweetjax's mesh has, so every
 layout the search recommends is one tweetjax can run; stage and context can be added to plan ahead.
 
-Memory per device is analytic (the GPU case: flash attention, no L x L scores), with tweetjax/perf/memory.py's
+Memory per device is analytic (on a GPU; with a fused attention kernel no L x L scores), with tweetjax/perf/memory.py's
 activation model: fp32 params, gradients and Adam moments at their shard size (+ the fp32 accumulator when
 microbatching), the saved activations of every microbatch in flight (1F1B: min(stages, microbatches), interleaving
 adds (p - 1) / (p v)), the largest layer's transient working set, the logits, and two layers of gathered weights
@@ -62,10 +62,11 @@ def device_memory(shape: ModelShape, layout: Layout, program: Program, param_byt
   act = memory_lib.activations(shape, b, layout.seq_len // c, t, t, t, layout.remat, int(program.activation_bytes),
                                layers=range(layers_per_stage))
   in_flight = min(p, layout.microbatches) * (1 + (p - 1) / (p * v) if v > 1 else 1) if p > 1 else 1
-  saved = (act.saved - act.saved_scores) * in_flight
+  flash = program.attention == "flash"  # a fused kernel keeps no L x L scores
+  saved = (act.saved - (act.saved_scores if flash else 0)) * in_flight
   gathered = 2 * 2 * (shape.attention_params + max(shape.dense_mlp_params, shape.expert_params /
                                                    max(layout.size(program.expert_axes), 1))) / t
-  working = act.transient - act.transient_scores + act.logits + gathered * program.gather_bytes
+  working = act.transient - (act.transient_scores if flash else 0) + act.logits + gathered * program.gather_bytes
   return Memory(state, saved, working)
 
 

@@ -55,10 +55,17 @@ def parse_program_overrides(spec: str) -> dict[str, Any]:
   return out
 
 
+# config.model.attention_impl -> how the GPU runs it: 'xla' and 'reference' materialise the L x L scores (XLA fuses
+# the softmax but not the two matmuls); cuDNN's is a fused flash kernel. Other (blocked) kernels count as fused.
+MATERIALIZED_ATTENTION = ("xla", "reference")
+
+
 def program_for(config: ml_collections.ConfigDict, overrides: str = "") -> Program:
-  """tweetjax's program for this config: the rules table's axes, the compute dtype's bytes."""
+  """tweetjax's program for this config: the rules table's axes, the compute dtype's bytes, its attention kernel."""
   dtype_bytes = float(np.dtype(config.model.dtype).itemsize)
-  values = {"gather_bytes": dtype_bytes, "grad_bytes": dtype_bytes, "activation_bytes": dtype_bytes}
+  attention = "materialized" if config.model.get("attention_impl", "xla") in MATERIALIZED_ATTENTION else "flash"
+  values = {"gather_bytes": dtype_bytes, "grad_bytes": dtype_bytes, "activation_bytes": dtype_bytes,
+            "attention": attention}
   values.update(parse_program_overrides(overrides))
   return Program.from_rules(rules_from_config(config), **values)
 
@@ -109,8 +116,11 @@ def _mesh_str(mesh: dict[str, int]) -> str:
 
 
 def slice_config(config: ml_collections.ConfigDict, plan: SlicePlan) -> ml_collections.ConfigDict:
-  """The config with the slice's mesh and the global batch its data axis keeps."""
+  """The config with the slice's mesh and the global batch its data axis keeps; a GPU-only attention kernel is
+  compiled as XLA's (the analytic model re-counts attention for the GPU kernel either way)."""
   sliced = ml_collections.ConfigDict(config.to_dict())
+  if sliced.model.get("attention_impl") == "cudnn":
+    sliced.model.attention_impl = "xla"
   sliced.mesh.update({a: n for a, n in plan.slice_mesh.items() if a in sliced.mesh})
   sliced.data.global_batch_size = int(config.data.global_batch_size) * plan.slice_mesh["data"] // plan.mesh["data"]
   return sliced
@@ -173,7 +183,8 @@ def confirm_by_compile(base_argv: Sequence[str], layouts: Sequence[Layout], hard
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "PJRT_NPROC")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
-      log(f"  #{i + 1}: compile failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else '?'}")
+      errors = [line for line in proc.stderr.splitlines() if "Error" in line] or proc.stderr.splitlines() or ["?"]
+      log(f"  #{i + 1}: compile failed: {errors[-1].strip()}")
       results.append({"compiled": False, "reason": proc.stderr[-2000:]})
       continue
     with open(out) as f:

@@ -207,3 +207,7 @@ def format_markdown(checks: list[Check]) -> str:
                  f"microbatch(es), remat {lay.remat} | {lay.seq_len} x {lay.global_batch} | {c.run.published} | "
                  f"{c.run.tokens_per_s_per_gpu:.0f} | {c.predicted_figure()} | {c.ratio:.2f} | {c.run.source} |")
   return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m tweetjax.perf.published: the table of benchmarks/RESULTS.md
+  print(format_markdown(check_all()))
