@@ -35,7 +35,8 @@ from tweetjax.perf import env, hardware, layout_search, links, plan, step_time
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=False)
 _MESH = flags.DEFINE_string("mesh", "", "Mesh axis sizes, e.g. data=8,fsdp=64,tensor=8 (default: config.mesh, "
                             "with --devices filling a -1 axis). Unnamed axes are 1.")
-_DEVICES = flags.DEFINE_integer("devices", 0, "Fake device count when the mesh has a -1 axis.")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Device count when the mesh has a -1 axis; with --search --predict, "
+                                "the GPU count to search layouts for.")
 _REMAT = flags.DEFINE_enum("remat", None, ["none", "dots", "dots_no_batch", "full"], "Override model.remat_policy.")
 _MICRO = flags.DEFINE_integer("microbatches", None, "Override train.microbatches.")
 _BATCH = flags.DEFINE_integer("global_batch", None, "Override data.global_batch_size.")

@@ -24,6 +24,7 @@ import time
 from typing import Iterator, Sequence
 
 from tweetjax.perf import hardware as hardware_lib
+from tweetjax.perf import links
 from tweetjax.perf import memory as memory_lib
 from tweetjax.perf import step_time
 from tweetjax.perf.workload import REMAT, Layout, ModelShape, Program, param_shard_elements, rows_per_microbatch
@@ -146,14 +147,6 @@ def search(shape: ModelShape, devices: int, global_batch: int, seq_len: int, pro
   return SearchResult(ranked[:keep], considered, over, time.perf_counter() - start, limit, devices)
 
 
-def _mesh_str(layout: Layout) -> str:
-  return ",".join(f"{k}={v}" for k, v in layout.mesh.items() if v > 1) or "1"
-
-
-def mesh_flag(layout: Layout) -> str:
-  return ",".join(f"{k}={v}" for k, v in layout.mesh.items() if v > 1)
-
-
 def format_search(result: SearchResult, top: int = 5, breakdowns: int = 3, tokens: float = 0.0) -> str:
   lines = [f"layout search: {result.devices} GPUs, {result.considered} layouts considered, {result.over_memory} over "
            f"{result.memory_limit / GIB:.1f} GiB, {len(result.ranked)} kept ({result.seconds:.1f} s)"]
@@ -170,7 +163,7 @@ def format_search(result: SearchResult, top: int = 5, breakdowns: int = 3, token
                 f"{'MFU':>6} {'TFLOP/s':>8}"]
   for i, c in enumerate(result.ranked[:top]):
     lay, pred = c.layout, c.prediction
-    lines.append(f"  {i + 1:>2} {_mesh_str(lay):<44} {lay.microbatches:>4} "
+    lines.append(f"  {i + 1:>2} {links.mesh_str(lay.mesh):<44} {lay.microbatches:>4} "
                  f"{lay.global_batch // lay.microbatches // lay.size(pred.program.batch_axes):>4} {lay.remat:<13} "
                  f"{lay.virtual_stages:>2} {c.memory.total / GIB:6.1f} {pred.step_s:8.3f} {100 * pred.mfu:5.1f}% "
                  f"{pred.model_flops_per_gpu / 1e12:8.1f}")
@@ -182,10 +175,9 @@ def format_search(result: SearchResult, top: int = 5, breakdowns: int = 3, token
 
 
 def axes_of(names: Sequence[str]) -> tuple[str, ...]:
-  from tweetjax.perf.links import DEVICE_ORDER  # pylint: disable=g-import-not-at-top
-  unknown = sorted(set(names) - set(DEVICE_ORDER))
+  unknown = sorted(set(names) - set(links.DEVICE_ORDER))
   if unknown:
-    raise ValueError(f"--search_axes: unknown axes {unknown}; known: {list(DEVICE_ORDER)}")
-  return tuple(a for a in DEVICE_ORDER if a in names)
+    raise ValueError(f"--search_axes: unknown axes {unknown}; known: {list(links.DEVICE_ORDER)}")
+  return tuple(a for a in links.DEVICE_ORDER if a in names)
 
 

@@ -54,6 +54,11 @@ def full_mesh(mesh: Mapping[str, int]) -> dict[str, int]:
   return {axis: int(mesh.get(axis, 1)) for axis in DEVICE_ORDER}
 
 
+def mesh_str(mesh: Mapping[str, int]) -> str:
+  """'data=20,fsdp=64,tensor=8': the axes larger than 1, as --mesh takes them."""
+  return ",".join(f"{k}={v}" for k, v in mesh.items() if v > 1) or "1 device"
+
+
 def placement(mesh: Mapping[str, int], axes: Sequence[str], gpus_per_node: int) -> Placement:
   """Where one group of a collective over `axes` sits, given the node size and DEVICE_ORDER."""
   sizes = full_mesh(mesh)

@@ -107,12 +107,8 @@ def plan_slice(mesh: dict[str, int], max_devices: int = MAX_SLICE_DEVICES,
                                  f"{max_devices}): no slice with the same per-device shapes; predicted analytically")
   data = max(d for d in range(1, full["data"] + 1) if full["data"] % d == 0 and d * others <= max_devices)
   sliced = dict(full, data=data)
-  return SlicePlan(full, sliced, f"compiled slice {_mesh_str(sliced)} ({data * others} fake CPU devices; same "
+  return SlicePlan(full, sliced, f"compiled slice {links.mesh_str(sliced)} ({data * others} fake CPU devices; same "
                                  f"per-device shapes, data={full['data']} shrunk to {data})")
-
-
-def _mesh_str(mesh: dict[str, int]) -> str:
-  return ",".join(f"{k}={v}" for k, v in mesh.items() if v > 1) or "1 device"
 
 
 def slice_config(config: ml_collections.ConfigDict, plan: SlicePlan) -> ml_collections.ConfigDict:
@@ -177,7 +173,7 @@ def confirm_by_compile(base_argv: Sequence[str], layouts: Sequence[Layout], hard
       results.append({"compiled": False, "reason": plan.reason})
       continue
     out = os.path.join(workdir, f"confirm_{i}.json")
-    cmd = [sys.executable, tool, *base_argv, f"--mesh={_mesh_str(lay.mesh)}", f"--global_batch={lay.global_batch}",
+    cmd = [sys.executable, tool, *base_argv, f"--mesh={links.mesh_str(lay.mesh)}", f"--global_batch={lay.global_batch}",
            f"--microbatches={lay.microbatches}", f"--remat={lay.remat}", f"--predict={hardware}",
            f"--slice_devices={slice_devices}", f"--device_memory_gib={device_memory_gib}", f"--json_out={out}"]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "PJRT_NPROC")}

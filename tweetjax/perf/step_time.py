@@ -196,7 +196,7 @@ def _notes(layout: workload_lib.Layout, program: workload_lib.Program, w: worklo
 
 def format_prediction(pred: Prediction, tokens: float = 0.0) -> str:
   lay, hw = pred.layout, pred.hardware
-  mesh = ",".join(f"{k}={v}" for k, v in lay.mesh.items() if v > 1) or "1 device"
+  mesh = links.mesh_str(lay.mesh)
   lines = [f"predicted step on {lay.devices} x {hw.name} ({pred.source})",
            f"  {hardware_lib.describe(hw)}",
            f"  mesh {mesh}; global batch {lay.global_batch} x {lay.seq_len} tokens, {lay.microbatches} microbatch(es)"
