@@ -50,9 +50,10 @@ _REPORT = flags.DEFINE_bool("sharding_report", False, "Also print the per-parame
 _JSON = flags.DEFINE_string("json_out", "", "Write the results as JSON here.")
 _PREDICT = flags.DEFINE_string("predict", "", "Predict the step time on this GPU (h100, h200, a100): breakdown, "
                                "tokens/s, MFU. With --search: search layouts for --devices GPUs.")
-_HW = flags.DEFINE_string("hardware_overrides", "", "Override profile fields, e.g. nic_bytes_per_s=25e9,gpus_per_node=4")
-_PROGRAM = flags.DEFINE_string("program_overrides", "", "Override how the step runs (tweetjax/perf/workload.py Program), "
-                               "e.g. grad_reduce=per_step,tp_overlap=0.5")
+_HW = flags.DEFINE_string("hardware_overrides", "", "Override profile fields, e.g. "
+                          "nic_bytes_per_s=25e9,gpus_per_node=4")
+_PROGRAM = flags.DEFINE_string("program_overrides", "", "Override how the step runs (tweetjax/perf/workload.py "
+                               "Program), e.g. grad_reduce=per_step,tp_overlap=0.5")
 _TOKENS = flags.DEFINE_float("tokens", 0.0, "Token budget: print the wall time and GPU-hours it takes.")
 _SLICE = flags.DEFINE_integer("slice_devices", plan.MAX_SLICE_DEVICES, "Largest mesh compiled on fake CPU devices; "
                               "larger ones compile a slice with the same per-device shapes (data shrunk).")

@@ -10,8 +10,9 @@ layout the search recommends is one tweetjax can run; stage and context can be a
 
 Memory per device is analytic (on a GPU; with a fused attention kernel no L x L scores), with tweetjax/perf/memory.py's
 activation model: fp32 params, gradients and Adam moments at their shard size (+ the fp32 accumulator when
-microbatching), the saved activations of every microbatch in flight (1F1B: min(stages, microbatches), interleaving
-adds (p - 1) / (p v)), the largest layer's transient working set, the logits, and two layers of gathered weights
+microbatching), the saved activations of every microbatch in flight (Program.pipeline_in_flight: all of them for
+a GPipe-style schedule; 1F1B: min(stages, microbatches), interleaving adds (p - 1) / (p v)), the largest layer's
+transient working set, the logits, and two layers of gathered weights
 (the one in use and the prefetched next). A compiled dry-run slice (tools/dryrun.py --search_confirm) reports
 XLA's own figure for the best few.
 """
@@ -62,7 +63,12 @@ def device_memory(shape: ModelShape, layout: Layout, program: Program, param_byt
   layers_per_stage = -(-shape.num_layers // (p * v)) * v
   act = memory_lib.activations(shape, b, layout.seq_len // c, t, t, t, layout.remat, int(program.activation_bytes),
                                layers=range(layers_per_stage))
-  in_flight = min(p, layout.microbatches) * (1 + (p - 1) / (p * v) if v > 1 else 1) if p > 1 else 1
+  if p == 1:
+    in_flight = 1
+  elif program.pipeline_in_flight == "all":
+    in_flight = layout.microbatches
+  else:  # 1F1B; interleaving keeps (p - 1) / (p v) more on the first stage
+    in_flight = min(p, layout.microbatches) * (1 + (p - 1) / (p * v) if v > 1 else 1)
   flash = program.attention == "flash"  # a fused kernel keeps no L x L scores
   saved = (act.saved - (act.saved_scores if flash else 0)) * in_flight
   gathered = 2 * 2 * (shape.attention_params + max(shape.dense_mlp_params, shape.expert_params /

@@ -78,7 +78,8 @@ def _tokens(batch: int, seq: int, step_s: float, gpus: int) -> float:
 
 # Megatron-LM (2022): tensor + pipeline parallel, no FSDP, data-parallel size 1, non-fused (materialised) attention
 # with dropout, gradients reduced once per step, eager PyTorch recompute (the whole layer is recomputed).
-_MEGATRON = Program(attention="materialized", weight_gathers_per_microbatch=0, grad_reduce="per_step",
+_MEGATRON = Program(attention="materialized", pipeline_in_flight="1f1b", weight_gathers_per_microbatch=0,
+                    grad_reduce="per_step",
                     remat_skips_layer_output=False, pp_scatter_gather=True, dropout=True,
                     grad_accumulation_bytes=0.0, optimizer_bytes=34.0, embed_axes=(), expert_embed_axes=(),
                     batch_axes=("data",))
@@ -144,7 +145,8 @@ def _mosaic() -> list[PublishedRun]:
 # weights for the whole step (gathered once, gradients reduce-scattered once per step).
 _LLAMA3_SHAPE = ModelShape(num_layers=126, d_model=16384, num_heads=128, num_kv_heads=8, head_dim=128,
                            mlp_dim=53248, vocab_size=128256)
-_LLAMA3 = Program(sequence_parallel=True, weight_gathers_per_microbatch=0, grad_reduce="per_step",
+_LLAMA3 = Program(sequence_parallel=True, pipeline_in_flight="1f1b", weight_gathers_per_microbatch=0,
+                  grad_reduce="per_step",
                   remat_skips_layer_output=False, pp_scatter_gather=True, grad_accumulation_bytes=0.0,
                   embed_axes=("data",), batch_axes=("data",), expert_embed_axes=())
 

@@ -185,9 +185,9 @@ def predict(shape: workload_lib.ModelShape, layout: workload_lib.Layout, program
 def _notes(layout: workload_lib.Layout, program: workload_lib.Program, w: workload_lib.Work) -> list[str]:
   notes = []
   if layout.mesh["stage"] > 1:
-    notes.append(f"pipeline: {layout.mesh['stage']} stages x {layout.virtual_stages} chunk(s), {layout.microbatches} "
-                 f"microbatches: bubble fraction {bubble_fraction(layout.mesh['stage'], layout.microbatches, layout.virtual_stages):.1%}"
-                 f"; the last stage (LM head + loss) sets the pace")
+    p, m, v = layout.mesh["stage"], layout.microbatches, layout.virtual_stages
+    notes.append(f"pipeline: {p} stages x {v} chunk(s), {m} microbatches: bubble fraction "
+                 f"{bubble_fraction(p, m, v):.1%}; the last stage (LM head + loss) sets the pace")
   if program.grad_reduce == "per_microbatch" and layout.microbatches > 1 and layout.mesh["data"] > 1:
     notes.append("gradients are all-reduced over `data` once per microbatch (inside the accumulation loop), as "
                  "the compiled program does; one reduction per step would move 1/microbatches of those bytes")

@@ -147,6 +147,9 @@ class Program:
   optimizer_bytes: float = 32.0  # per param-shard element per step: AdamW in fp32 (+ the non-finite guard)
   optimizer_over_data: bool = False  # ZeRO-1: optimizer state also sharded over `data`
   fp8: bool = False  # matmuls at the fp8 peak
+  # Microbatches whose activations a pipeline stage holds for the backward: "all" for a GPipe-style (circular)
+  # schedule that runs every forward before the backward, "1f1b" for min(stages, microbatches).
+  pipeline_in_flight: str = "all"
   # Mesh axes of the rules table (tweetjax/parallel/rules.py DEFAULT_RULES); `context` splits the tokens too.
   embed_axes: tuple[str, ...] = ("fsdp", "expert")  # dense weights' d_model ("embed")
   expert_embed_axes: tuple[str, ...] = ("fsdp",)  # expert weights' d_model ("expert_embed")
@@ -159,6 +162,8 @@ class Program:
       raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTION}")
     if self.grad_reduce not in GRAD_REDUCE:
       raise ValueError(f"grad_reduce={self.grad_reduce!r}: expected one of {GRAD_REDUCE}")
+    if self.pipeline_in_flight not in ("all", "1f1b"):
+      raise ValueError(f"pipeline_in_flight={self.pipeline_in_flight!r}: expected 'all' or '1f1b'")
     if self.weight_gathers_per_microbatch not in (0, 1, 2):
       raise ValueError(f"weight_gathers_per_microbatch={self.weight_gathers_per_microbatch}: expected 0, 1 or 2")
 
