@@ -24,6 +24,7 @@ import math
 import time
 from typing import Iterator, Sequence
 
+from tweetjax.parallel.mesh import MESH_AXES
 from tweetjax.perf import hardware as hardware_lib
 from tweetjax.perf import links
 from tweetjax.perf import memory as memory_lib
@@ -35,7 +36,7 @@ GIB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
-  axes: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")
+  axes: tuple[str, ...] = MESH_AXES  # tweetjax's mesh axes: every layout found is one tweetjax can run
   remat: tuple[str, ...] = REMAT
   max_microbatches: int = 256
   virtual_stages: tuple[int, ...] = (1, 2, 4)
