@@ -8,6 +8,8 @@ import pytest
 
 from tweetjax.data import builder, mixture, pipeline, synthetic
 
+from tests.helpers import assert_batches_equal, next_batches
+
 FIX = pathlib.Path(__file__).parent / "fixtures"
 TOK = str(FIX / "tokenizer.model")
 WEIGHTS = {"tweets": 0.7, "threads": 0.3}
@@ -27,16 +29,6 @@ def _iterator(sources, **kw):
   return pipeline.PackedBatchIterator("", TOK, 64, 8, **{**args, **kw})
 
 
-def _batches(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def _assert_same(a, b):
-  for x, y in zip(a, b, strict=True):
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
 def test_parse_and_errors():
   assert mixture.parse("a=/d/x:0.7, /d/y:0.3") == [mixture.Source("a", "/d/x", 0.7), mixture.Source("y", "/d/y", 0.3)]
   for bad in ("/d/x", "a=/d/x:0", "a=/d/x:heavy", "a=/d/x:1,a=/d/y:1"):
@@ -47,7 +39,7 @@ def test_parse_and_errors():
 
 def test_token_shares_match_weights(sources):
   it = _iterator(sources)
-  _batches(it, 120)  # ~6 windows of 256 documents
+  next_batches(it, 120)  # ~6 windows of 256 documents
   shares = it.token_shares()
   for name, w in WEIGHTS.items():
     assert abs(shares[name] - w) < 0.03, shares  # stated tolerance: 3 points of token share
@@ -57,22 +49,22 @@ def test_token_shares_match_weights(sources):
 
 
 def test_deterministic_and_resumable(sources):
-  full = _batches(_iterator(sources), 14)
-  _assert_same(full, _batches(_iterator(sources), 14))
+  full = next_batches(_iterator(sources), 14)
+  assert_batches_equal(full, next_batches(_iterator(sources), 14))
   it = _iterator(sources)
-  _batches(it, 6)
+  next_batches(it, 6)
   state = json.dumps(it.get_state())
   resumed = _iterator(sources)
   resumed.set_state(state)
-  _assert_same(full[6:], _batches(resumed, 8))
+  assert_batches_equal(full[6:], next_batches(resumed, 8))
   other = next(_iterator(sources, shuffle_seed=12))
   assert (other["inputs"] != full[0]["inputs"]).any()
 
 
 def test_processes_see_the_same_global_batches(sources):
-  one = _batches(_iterator(sources), 5)
-  two = [_batches(_iterator(sources, local_rows=slice(4 * p, 4 * p + 4)), 5) for p in range(2)]
-  _assert_same(one, [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*two)])
+  one = next_batches(_iterator(sources), 5)
+  two = [next_batches(_iterator(sources, local_rows=slice(4 * p, 4 * p + 4)), 5) for p in range(2)]
+  assert_batches_equal(one, [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*two)])
 
 
 def test_make_iterator_reads_config_mixture(sources):
