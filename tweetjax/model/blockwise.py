@@ -159,14 +159,10 @@ def block_pairs(nq: int, nk: int, causal: bool, q_offset_blocks: int = 0, key_ma
   return np.asarray(pairs, np.int32).reshape(-1, 2)
 
 
-def _row_bounds(pairs: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-  """first/last flags of each pair within its run of equal `pairs[:, axis]`."""
+def _row_starts(pairs: np.ndarray, axis: int) -> np.ndarray:
+  """Whether each pair starts a new run of equal `pairs[:, axis]` (a new query row, or key column)."""
   key = pairs[:, axis]
-  first = np.ones(len(key), bool)
-  first[1:] = key[1:] != key[:-1]
-  last = np.ones(len(key), bool)
-  last[:-1] = key[:-1] != key[1:]
-  return first, last
+  return np.concatenate([[True], key[1:] != key[:-1]])
 
 
 def blockwise_attention(q_BxLxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array,
@@ -224,28 +220,24 @@ def _forward(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_seg_BxL, kv_seg_BxS, causal, 
   q, k, v, q_seg, kv_seg, q_pos, kv_pos = _blocks(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_seg_BxL, kv_seg_BxS, block)
   nq, nk = q.shape[0], k.shape[0]
   pairs = block_pairs(nq, nk, causal, (S - L) // block)
-  first, last = _row_bounds(pairs, 0)
+  first = _row_starts(pairs, 0)
   step = functools.partial(online_softmax_step, causal=causal, softcap=softcap, scale=1.0)
   empty = initial_state(B, K, G, block, Dh)
 
   def body(carry, xs):
     state, out, lse = carry
-    (i, j), is_first, is_last = xs
+    (i, j), is_first = xs
     state = jax.tree.map(lambda e, s: jnp.where(is_first, e, s), empty, state)
     visible = jnp.any(block_mask(q_seg[i], kv_seg[j], q_pos[i], kv_pos[j], causal))
+    # Only the block-sized state goes through the conditional: a whole output buffer would be copied through it.
     state = lax.cond(visible, lambda s: step(s, q[i], k[j], v[j], q_seg[i], kv_seg[j], q_pos[i], kv_pos[j]),
                      lambda s: s, state)
-
-    def write(out_lse):
-      o, l = finalize(state)
-      return out_lse[0].at[i].set(o.astype(out_lse[0].dtype)), out_lse[1].at[i].set(l)
-
-    out, lse = lax.cond(is_last, write, lambda x: x, (out, lse))
-    return (state, out, lse), None
+    o, l = finalize(state)  # written after every key block; the last one (the row's final state) stays
+    return (state, out.at[i].set(o.astype(out.dtype)), lse.at[i].set(l)), None
 
   out0 = jnp.zeros((nq, B, K, G, block, Dh), q_BxLxHxDh.dtype)
   lse0 = jnp.zeros((nq, B, K, G, block), jnp.float32)
-  (_, out, lse), _ = lax.scan(body, (empty, out0, lse0), (pairs, first, last))
+  (_, out, lse), _ = lax.scan(body, (empty, out0, lse0), (pairs, first))
   return _unblock(out, L), (q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_seg_BxL, kv_seg_BxS, out, lse)
 
 
@@ -264,29 +256,26 @@ def _backward_rule(causal, softcap, block, residuals, do_BxLxHxDh):
   do = do.reshape(B, nq, block, K, G, Dh).transpose(1, 0, 3, 4, 2, 5)
   delta = jnp.sum(do.astype(jnp.float32) * out_blocks.astype(jnp.float32), axis=-1)  # [nq, B, K, G, bq]
   pairs = block_pairs(nq, nk, causal, (S - L) // block, key_major=True)
-  first, last = _row_bounds(pairs, 1)
+  first = _row_starts(pairs, 1)
   step = functools.partial(online_softmax_backward_step, causal=causal, softcap=softcap, scale=1.0)
   zeros_kv = jnp.zeros((B, K, block, Dh), jnp.float32)
 
   def body(carry, xs):
     dk_acc, dv_acc, dq, dk, dv = carry
-    (i, j), is_first, is_last = xs
+    (i, j), is_first = xs
     dk_acc, dv_acc = jnp.where(is_first, zeros_kv, dk_acc), jnp.where(is_first, zeros_kv, dv_acc)
     visible = jnp.any(block_mask(q_seg[i], kv_seg[j], q_pos[i], kv_pos[j], causal))
-
-    def accumulate(acc):
-      dq, dk_acc, dv_acc = acc
-      dq_ij, dk_ij, dv_ij = step(q[i], k[j], v[j], do[i], lse_blocks[i], delta[i], q_seg[i], kv_seg[j], q_pos[i],
-                                 kv_pos[j])
-      return dq.at[i].add(dq_ij), dk_acc + dk_ij, dv_acc + dv_ij
-
-    dq, dk_acc, dv_acc = lax.cond(visible, accumulate, lambda acc: acc, (dq, dk_acc, dv_acc))
-    dk, dv = lax.cond(is_last, lambda x: (x[0].at[j].set(dk_acc), x[1].at[j].set(dv_acc)), lambda x: x, (dk, dv))
-    return (dk_acc, dv_acc, dq, dk, dv), None
+    dq_ij, dk_ij, dv_ij = lax.cond(
+        visible, lambda: step(q[i], k[j], v[j], do[i], lse_blocks[i], delta[i], q_seg[i], kv_seg[j], q_pos[i],
+                              kv_pos[j]),
+        lambda: (jnp.zeros_like(dq[i]), zeros_kv, zeros_kv))
+    dk_acc, dv_acc = dk_acc + dk_ij, dv_acc + dv_ij
+    # dk/dv of key block j are written after every query block; the last one (all its queries seen) stays.
+    return (dk_acc, dv_acc, dq.at[i].add(dq_ij), dk.at[j].set(dk_acc), dv.at[j].set(dv_acc)), None
 
   dq0 = jnp.zeros((nq, B, K, G, block, Dh), jnp.float32)
   dkv0 = jnp.zeros((nk, B, K, block, Dh), jnp.float32)
-  (_, _, dq, dk, dv), _ = lax.scan(body, (zeros_kv, zeros_kv, dq0, dkv0, dkv0), (pairs, first, last))
+  (_, _, dq, dk, dv), _ = lax.scan(body, (zeros_kv, zeros_kv, dq0, dkv0, dkv0), (pairs, first))
   # q was pre-scaled inside _blocks: the chain rule gives dq the same factor.
   dq = _unblock(dq, L) * (Dh ** -0.5)
   dk = dk.transpose(1, 0, 3, 2, 4).reshape(B, nk * block, K, Dh)[:, :S]
