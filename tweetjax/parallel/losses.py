@@ -73,13 +73,14 @@ def tiled_cross_entropy(hidden_BxLxD: jax.Array, weight: jax.Array, targets_BxL:
   forward_and_grads = jax.shard_map(functools.partial(local, with_grad=True), mesh=mesh, in_specs=in_specs,
                                     out_specs=(P(), P(), hidden_spec, grad_spec))
 
+  # The weight enters the shard_map in the compute dtype: its FSDP all-gather then moves bf16, not fp32 params.
   @jax.custom_vjp
   def loss(h, w, targets, weights):
-    ce_sum, z_sum = forward(h, w, targets, weights)
+    ce_sum, z_sum = forward(h, w.astype(compute_dtype), targets, weights)
     return ce_sum + z_loss_weight * z_sum, ce_sum, z_sum
 
   def loss_fwd(h, w, targets, weights):
-    ce_sum, z_sum, dh, dw = forward_and_grads(h, w, targets, weights)
+    ce_sum, z_sum, dh, dw = forward_and_grads(h, w.astype(compute_dtype), targets, weights)
     return (ce_sum + z_loss_weight * z_sum, ce_sum, z_sum), (dh, dw)
 
   def loss_bwd(residuals, cotangents):
@@ -88,7 +89,7 @@ def tiled_cross_entropy(hidden_BxLxD: jax.Array, weight: jax.Array, targets_BxL:
     return (g * dh).astype(hidden_BxLxD.dtype), (g * dw).astype(weight.dtype), None, None
 
   loss.defvjp(loss_fwd, loss_bwd)
-  total, ce_sum, z_sum = loss(hidden_BxLxD, weight, targets_BxL, weights_BxL)
+  total, ce_sum, z_sum = loss(hidden_BxLxD.astype(compute_dtype), weight, targets_BxL, weights_BxL)
   return total, lax.stop_gradient(ce_sum), lax.stop_gradient(z_sum)
 
 
@@ -106,9 +107,8 @@ def _local_loss(h_bxlxD, w, targets_bxl, weights_bxl, *, with_grad: bool, vocab_
     x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
     return x.reshape(num_chunks, c, *x.shape[1:])
 
-  h_CxcxD = chunks(h_bxlxD.astype(compute_dtype))
+  h_CxcxD = chunks(h_bxlxD)
   targets_Cxc, weights_Cxc = chunks(targets_bxl), chunks(weights_bxl.astype(jnp.float32))
-  w = w.astype(compute_dtype)
   v_local = w.shape[vocab_axis]
   vocab_start = lax.axis_index(vocab_axes) * v_local if vocab_axes else 0
   ids_Vl = vocab_start + jnp.arange(v_local)
