@@ -23,7 +23,8 @@ def get_config(arg=None):
                       mlp_dim=32_768, rope_theta=10_000.0, tie_embeddings=True, norm_style="sandwich",
                       attn_logit_softcap=30.0, num_experts=8, experts_per_token=2, moe_every=1,
                       expert_mlp_dim=32_768, capacity_factor=1.25, router_aux_loss_weight=0.01,
-                      router_z_loss_weight=0.001, dtype="bfloat16", remat_policy="full")
+                      router_z_loss_weight=0.001, dtype="bfloat16", remat_policy="full",
+                      attention_impl="blockwise", logits_chunk=2048)  # cuDNN has no attention soft-cap
   config.mesh.update(data=1, fsdp=-1, expert=8, tensor=4)
   config.data.seq_len = 8192
   config.data.global_batch_size = 1024

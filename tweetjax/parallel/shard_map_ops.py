@@ -32,10 +32,11 @@ def shard_log_z_and_target(logits_xV: jax.Array, targets_x: jax.Array, vocab_sta
   if vocab_axes:
     max_x = lax.pmax(max_x, vocab_axes)
   sum_exp_x = jnp.sum(jnp.exp(logits_xV - max_x[..., None]), axis=-1)
-  # A compare with the local ids instead of a gather: zero on the shards that do not hold the target, and a
-  # backward that is an elementwise select rather than a scatter into [tokens, V].
-  local_ids_V = vocab_start + jnp.arange(logits_xV.shape[-1])
-  target_logit_x = jnp.sum(jnp.where(local_ids_V == targets_x[..., None], logits_xV, 0.0), axis=-1)
+  local_target_x = targets_x - vocab_start
+  in_shard_x = (local_target_x >= 0) & (local_target_x < logits_xV.shape[-1])
+  picked_x = jnp.take_along_axis(logits_xV, jnp.clip(local_target_x, 0, logits_xV.shape[-1] - 1)[..., None],
+                                 axis=-1)[..., 0]
+  target_logit_x = jnp.where(in_shard_x, picked_x, 0.0)  # zero on the shards that do not hold the target
   if vocab_axes:
     sum_exp_x = lax.psum(sum_exp_x, vocab_axes)
     target_logit_x = lax.psum(target_logit_x, vocab_axes)
