@@ -123,7 +123,7 @@ def test_hlo_reader_weights_loop_bodies_by_trip_count():
 def test_analytic_memory_knows_blockwise_attention_and_the_tiled_loss():
   from tweetjax.perf.memory import activations
   b, L, V = 2, 1024, 32_000
-  dense = ModelConfig(vocab_size=V, remat_policy="dots")
+  dense = ModelConfig(vocab_size=V, remat_policy="dots", attention_impl="xla")
   tiled = ModelConfig(vocab_size=V, remat_policy="dots", attention_impl="blockwise", attention_block_size=128,
                       logits_chunk=256)
   args = (b, L, 1, 1, 1, "dots", 4)

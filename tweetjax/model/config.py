@@ -47,11 +47,11 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = True
-  # "xla" | "cudnn" (jax.nn.dot_product_attention) | "reference" (einsum) | "blockwise" (tweetjax/model/blockwise.py:
-  # online softmax over key blocks, no [L, L] scores, causal blocks above the diagonal skipped; KV-cache decoding
-  # falls back to "xla")
-  attention_impl: str = "xla"
-  attention_block_size: int = 128  # query and key block length of attention_impl="blockwise"
+  # "blockwise" (tweetjax/model/blockwise.py: online softmax over key blocks, no [L, L] scores, the causal blocks
+  # above the diagonal skipped; the fastest on CPU, and the GPU path where cuDNN cannot serve, e.g. a soft-cap) |
+  # "cudnn" | "xla" (jax.nn.dot_product_attention) | "reference" (einsum). KV-cache decoding runs blockwise as "xla".
+  attention_impl: str = "blockwise"
+  attention_block_size: int = 128  # query and key block length of attention_impl="blockwise" (GPUs: 512 or more)
   # Tokens per chunk of the tiled LM head + cross-entropy (tweetjax/parallel/losses.py), per device: the [tokens, V]
   # logits are never materialised, only [logits_chunk, V / tensor] at a time. 0: dense logits, then the loss.
   logits_chunk: int = 0
