@@ -138,6 +138,8 @@ RULES: dict[str, Rule] = {
     "model.remat_policy": one_of(*REMAT_POLICIES),
     "model.scan_layers": BOOL,
     "model.attention_impl": one_of(*ATTENTION_IMPLS),
+    "model.attention_block_size": POSITIVE_INT,
+    "model.logits_chunk": COUNT,  # 0: dense logits
     "model.num_experts": COUNT,
     "model.experts_per_token": POSITIVE_INT,
     "model.moe_every": POSITIVE_INT,

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tweetjax.model.blockwise import blockwise_attention
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.layers import constrain, kernel_init, logical_param
 
@@ -125,9 +126,14 @@ class Attention(nn.Module):
 
     if self.has_variable("cache", "key"):  # decoding: attend over the KV cache (tweetjax.model.decode)
       k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS = self._update_cache(k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL)
-      impl = "xla" if cfg.attention_impl == "cudnn" else cfg.attention_impl  # cuDNN wants L == S masks
+      # cuDNN wants L == S masks; blockwise attention is for training-length L x L (a few new queries against the
+      # whole cache are one block anyway).
+      impl = "xla" if cfg.attention_impl in ("cudnn", "blockwise") else cfg.attention_impl
       out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, impl=impl,
                                            softcap=cfg.attn_logit_softcap)
+    elif cfg.attention_impl == "blockwise":
+      out_BxLxHxDh = blockwise_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, segment_ids_BxL,
+                                         softcap=cfg.attn_logit_softcap, block=cfg.attention_block_size)
     else:
       mask_Bx1xLxL = attention_mask(segment_ids_BxL, segment_ids_BxL)
       out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL,

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full")
-ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+ATTENTION_IMPLS = ("xla", "cudnn", "reference", "blockwise")
 NORM_STYLES = ("pre", "sandwich")
 MOE_IMPLS = ("expert_parallel", "dense")
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -47,7 +47,14 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = True
-  attention_impl: str = "xla"
+  # "blockwise" (tweetjax/model/blockwise.py: online softmax over key blocks, no [L, L] scores, the causal blocks
+  # above the diagonal skipped; the fastest on CPU, and the GPU path where cuDNN cannot serve, e.g. a soft-cap) |
+  # "cudnn" | "xla" (jax.nn.dot_product_attention) | "reference" (einsum). KV-cache decoding runs blockwise as "xla".
+  attention_impl: str = "blockwise"
+  attention_block_size: int = 128  # query and key block length of attention_impl="blockwise" (GPUs: 512 or more)
+  # Tokens per chunk of the tiled LM head + cross-entropy (tweetjax/parallel/losses.py), per device: the [tokens, V]
+  # logits are never materialised, only [logits_chunk, V / tensor] at a time. 0: dense logits, then the loss.
+  logits_chunk: int = 0
   # Mixture of experts (tweetjax/model/moe.py). num_experts=0: every MLP is dense.
   num_experts: int = 0
   experts_per_token: int = 2  # top-k
@@ -71,11 +78,18 @@ class ModelConfig:
     if not 0 <= self.valid_vocab_size <= self.vocab_size:
       raise ValueError(f"config.model.valid_vocab_size={self.valid_vocab_size}: expected 0 (no padding) up to "
                        f"config.model.vocab_size={self.vocab_size}")
+    if self.attention_block_size < 1:
+      raise ValueError(f"config.model.attention_block_size={self.attention_block_size}: expected a positive number "
+                       "of tokens")
+    if self.logits_chunk < 0:
+      raise ValueError(f"config.model.logits_chunk={self.logits_chunk}: expected 0 (dense logits) or a positive "
+                       "number of tokens per chunk")
     if self.head_dim % 2:
       raise ValueError(f"config.model.head_dim={self.head_dim}: RoPE needs an even head dimension")
     self._validate_rope_scaling()
     if self.attention_impl == "cudnn" and self.attn_logit_softcap:
-      raise ValueError("config.model.attention_impl='cudnn' cannot apply attn_logit_softcap; use 'xla' or 'reference'")
+      raise ValueError("config.model.attention_impl='cudnn' cannot apply attn_logit_softcap; use 'blockwise', 'xla' "
+                       "or 'reference'")
     self._validate_moe()
 
   def _validate_rope_scaling(self):

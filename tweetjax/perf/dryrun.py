@@ -49,6 +49,8 @@ class DryRun:
   microbatches: int
   seq_len: int
   remat: str
+  attention_impl: str
+  logits_chunk: int  # tokens per chunk of the tiled LM head + loss (0: dense logits)
   batch_shards: int
   compile_s: float
   xla_memory: dict[str, int]  # per device, from compiled.memory_analysis()
@@ -79,6 +81,7 @@ class DryRun:
   def summary(self) -> dict[str, Any]:
     return {"mesh": self.mesh, "devices": self.devices, "global_batch": self.global_batch,
             "microbatches": self.microbatches, "seq_len": self.seq_len, "remat": self.remat,
+            "attention_impl": self.attention_impl, "logits_chunk": self.logits_chunk,
             "rows_per_batch_shard": self.rows_per_shard, "compile_s": self.compile_s,
             "xla_memory": self.xla_memory, "peak_bytes": self.peak, "fits": self.fits,
             "device_memory_bytes": self.device_memory, "analytic": self.analytic.as_dict(),
@@ -123,7 +126,8 @@ def dry_run(config: ml_collections.ConfigDict, *, device_memory_bytes: float = 8
   tokens_per_device = B * L / mesh.size
   return DryRun(
       mesh=dict(mesh.shape), devices=mesh.size, global_batch=B, microbatches=microbatches, seq_len=L,
-      remat=experiment.model_config.remat_policy,
+      remat=experiment.model_config.remat_policy, attention_impl=experiment.model_config.attention_impl,
+      logits_chunk=experiment.model_config.logits_chunk,
       batch_shards=axis_size(mesh, mesh_axes_of("act_batch", experiment.rules)),
       compile_s=info.seconds, xla_memory=_memory_stats(compiled),
       analytic=memory.estimate(experiment, B, microbatches),
@@ -143,7 +147,8 @@ def format_report(run: DryRun) -> str:
   lines = [
       f"mesh {run.mesh} = {run.devices} devices; {run.num_params / 1e9:.2f}B params; global batch {run.global_batch} "
       f"x {run.seq_len} tokens in {run.microbatches} microbatch(es) = {run.rows_per_shard:g} rows per batch shard "
-      f"({run.batch_shards} shards); remat={run.remat}",
+      f"({run.batch_shards} shards); remat={run.remat}; attention={run.attention_impl}; logits_chunk="
+      f"{run.logits_chunk or 'off (dense logits)'}",
       f"compile: {run.compile_s:.1f}s",
       "",
       "memory per device            XLA (CPU-compiled)      analytic",
