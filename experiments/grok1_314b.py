@@ -3,7 +3,8 @@
 64 layers, d_model 6144, 48 query / 8 kv heads of 128, 131,072-token SentencePiece vocab, attention logit soft-cap
 30, sandwich norms, tied input/output embedding. Expert MLP hidden size: widening factor 8 with the 2/3 rule,
 int(8 * 6144) * 2 // 3 = 32768 (already a multiple of 8); SwiGLU here where grok-1 uses a gated GELU (same
-parameter count). grok-1's embedding/output multipliers are not modelled. 315.7B parameters by eval_shape
+parameter count). grok-1's embedding/output multipliers are not modelled. Attention is blockwise (cuDNN has no
+soft-cap) and the LM head + loss tiled (logits_chunk). 315.7B parameters by eval_shape
 (tests/model/test_moe.py).
 
 Layout for 512 GPUs: tensor=4 (heads 48/4, kv heads 8/4, expert F 32768/4) inside a node, expert=8 (one expert
@@ -23,7 +24,8 @@ def get_config(arg=None):
                       mlp_dim=32_768, rope_theta=10_000.0, tie_embeddings=True, norm_style="sandwich",
                       attn_logit_softcap=30.0, num_experts=8, experts_per_token=2, moe_every=1,
                       expert_mlp_dim=32_768, capacity_factor=1.25, router_aux_loss_weight=0.01,
-                      router_z_loss_weight=0.001, dtype="bfloat16", remat_policy="full")
+                      router_z_loss_weight=0.001, dtype="bfloat16", remat_policy="full",
+                      attention_impl="blockwise", attention_block_size=512, logits_chunk=2048)
   config.mesh.update(data=1, fsdp=-1, expert=8, tensor=4)
   config.data.seq_len = 8192
   config.data.global_batch_size = 1024

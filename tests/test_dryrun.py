@@ -23,10 +23,11 @@ def tiny_dryrun(tmp_path_factory):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   cmd = [sys.executable, os.path.join(REPO, "tools", "dryrun.py"), "--config=experiments/tiny.py",
          "--mesh=" + ",".join(f"{k}={v}" for k, v in _MESH.items()), "--device_memory_gib=1",
-         f"--json_out={out}"]
+         "--predict=h100", f"--json_out={out}"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "estimate for a GPU" in proc.stdout
+  assert "\npredicted: " in proc.stdout and "MFU" in proc.stdout.split("\npredicted: ")[1]
   return json.loads(out.read_text())
 
 
@@ -68,6 +69,20 @@ def test_memory_report_and_no_full_logits_gather(tiny_dryrun):
   assert largest and hlo.parse_shapes(largest)[0].size < rows * L * V
 
 
+def test_compiled_prediction_matches_the_analytic_inventory(tiny_dryrun):
+  """--predict on the compiled program: the analytic FLOPs of the same CPU program equal the HLO's, the analytic
+  FSDP gathers equal the compiled ones, and tensor-parallel all-reduces are never counted above the GPU's number."""
+  pred = tiny_dryrun["prediction"]
+  assert pred["source"].startswith("compiled on all 16") and pred["devices"] == 16 and pred["step_s"] > 0
+  checks = {(c["cls"], c["kind"], tuple(c["axes"])): c for c in pred["compiled_checks"]}
+  gathers = checks[("fsdp", "all-gather", ("fsdp",))]
+  assert gathers["compiled_bytes"] == pytest.approx(gathers["analytic_bytes"], rel=0.05)
+  tp = checks[("tp", "all-reduce", ("tensor",))]
+  assert tp["compiled_bytes"] >= tp["analytic_bytes"] and tp["used"].startswith("analytic")
+  used_tp = sum(c["bytes"] * c["count"] for c in pred["comms"] if c["axes"] == ["tensor"])
+  assert used_tp == pytest.approx(tp["analytic_bytes"])
+
+
 _HLO = """HloModule m
 
 %body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
@@ -103,3 +118,19 @@ def test_hlo_reader_weights_loop_bodies_by_trip_count():
   assert stats["all-gather"].wire_bytes == 5 * 8 * 64 * 4 * 3 / 4  # groups of 4
   assert stats["reduce-scatter"].payload_bytes == 5 * 8 * 4 * 4 * 4  # input = output x group size
   assert stats["all-reduce"].executions == 1 and stats["all-reduce"].wire_bytes == 2 * 8 * 16 * 4 * 3 / 4
+
+
+def test_analytic_memory_knows_blockwise_attention_and_the_tiled_loss():
+  from tweetjax.perf.memory import activations
+  b, L, V = 2, 1024, 32_000
+  dense = ModelConfig(vocab_size=V, remat_policy="dots", attention_impl="xla")
+  tiled = ModelConfig(vocab_size=V, remat_policy="dots", attention_impl="blockwise", attention_block_size=128,
+                      logits_chunk=256)
+  args = (b, L, 1, 1, 1, "dots", 4)
+  a, t = activations(dense, *args), activations(tiled, *args)
+  H, D = dense.num_heads, dense.d_model
+  assert a.saved_scores == dense.num_layers * b * H * L * L * 4 and t.saved_scores == 0  # no [L, L] kept
+  assert a.transient_scores == 3 * b * H * L * L * 4 and t.transient_scores == 3 * b * H * 128 * 128 * 4
+  assert a.logits == b * L * V * 12
+  assert t.logits == 256 * V * 16 + D * V * 4 + b * L * D * 4  # one chunk, whatever b * L
+  assert activations(tiled, 4 * b, *args[1:]).logits - t.logits == 3 * b * L * D * 4

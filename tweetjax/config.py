@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.shuffle_seed = 0  # record order of the tweet loader (each epoch reshuffled)
   config.data.pack_window = 4096  # tweets normalized, tokenized and packed together (larger: denser packing)
   config.data.num_epochs = 0  # 0: repeat the train split forever
+  # Weighted datasets "name=dataset_dir:weight,..." (weights: token shares; tweetjax/data/mixture.py); "" = dataset_dir
+  config.data.mixture = ""
   # Text normalization applied by the loader: tweetjax.data.normalize.NormalizeConfig documents each option.
   config.data.normalize = ml_collections.ConfigDict(dataclasses.asdict(NormalizeConfig()))
 
@@ -73,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint.max_to_keep = 3  # the newest k checkpoints are kept ...
   config.checkpoint.keep_every_steps = 0  # ... plus every step divisible by M, forever (0: none)
   config.checkpoint.async_save = True  # write in the background; the step loop waits only for device->host copies
+  # Interrupted saves set aside in <workdir>/checkpoints_incomplete/: the newest N are kept, older ones deleted.
+  config.checkpoint.keep_incomplete = 3
   # --- end training loop ---
 
   # --- Evaluation jobs and sampling (tweetjax/evaluate, tools/{evaluate,sample}.py) ---

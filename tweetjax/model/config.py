@@ -8,10 +8,11 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full")
-ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+ATTENTION_IMPLS = ("xla", "cudnn", "reference", "blockwise")
 NORM_STYLES = ("pre", "sandwich")
 MOE_IMPLS = ("expert_parallel", "dense")
 MATMUL_IMPLS = ("auto", "xla", "cpu_bf16")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,16 @@ class ModelConfig:
   head_dim: int = 16
   mlp_dim: int = 256
   rope_theta: float = 10_000.0
+  # RoPE frequency scaling of long-context checkpoints (tweetjax/model/attention.py rope_inv_freq): "none";
+  # "linear": every inverse frequency divided by rope_scaling_factor; "llama3" (Llama 3.1+): wavelengths longer
+  # than rope_original_max_position / rope_low_freq_factor divided by the factor, shorter than
+  # rope_original_max_position / rope_high_freq_factor kept, interpolated in between.
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # llama3 only
+  rope_high_freq_factor: float = 4.0  # llama3 only
+  rope_original_max_position: int = 8192  # llama3 only: the context length the model was pre-trained with
+  qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2); the output projection has none
   tie_embeddings: bool = False
   norm_style: str = "pre"  # "pre" | "sandwich" (grok-1: norms before and after each sublayer)
   norm_eps: float = 1e-5
@@ -41,11 +52,18 @@ class ModelConfig:
   # loop) for bf16 compute on a CPU, else 1. XLA:CPU converts a stacked bf16 buffer to fp32 and back whenever the loop
   # writes or reads one layer's slice, so looped bf16 residuals cost O(layers^2) traffic (benchmarks/RESULTS.md).
   scan_unroll: int = 0
-  attention_impl: str = "xla"
   # How matmuls are written for the backend (tweetjax/model/matmul.py): "xla" as written; "cpu_bf16" every matmul
   # and its gradients as bf16 x bf16 -> fp32 row-major dots (XLA:CPU's AMX/AVX512-BF16 kernels); "auto" picks
   # cpu_bf16 for bf16 compute on a CPU with bf16 dot units, else xla.
   matmul_impl: str = "auto"
+  # "blockwise" (tweetjax/model/blockwise.py: online softmax over key blocks, no [L, L] scores, the causal blocks
+  # above the diagonal skipped; the fastest on CPU, and the GPU path where cuDNN cannot serve, e.g. a soft-cap) |
+  # "cudnn" | "xla" (jax.nn.dot_product_attention) | "reference" (einsum). KV-cache decoding runs blockwise as "xla".
+  attention_impl: str = "blockwise"
+  attention_block_size: int = 128  # query and key block length of attention_impl="blockwise" (GPUs: 512 or more)
+  # Tokens per chunk of the tiled LM head + cross-entropy (tweetjax/parallel/losses.py), per device: the [tokens, V]
+  # logits are never materialised, only [logits_chunk, V / tensor] at a time. 0: dense logits, then the loss.
+  logits_chunk: int = 0
   # Mixture of experts (tweetjax/model/moe.py). num_experts=0: every MLP is dense.
   num_experts: int = 0
   experts_per_token: int = 2  # top-k
@@ -73,11 +91,31 @@ class ModelConfig:
     if not 0 <= self.valid_vocab_size <= self.vocab_size:
       raise ValueError(f"config.model.valid_vocab_size={self.valid_vocab_size}: expected 0 (no padding) up to "
                        f"config.model.vocab_size={self.vocab_size}")
+    if self.attention_block_size < 1:
+      raise ValueError(f"config.model.attention_block_size={self.attention_block_size}: expected a positive number "
+                       "of tokens")
+    if self.logits_chunk < 0:
+      raise ValueError(f"config.model.logits_chunk={self.logits_chunk}: expected 0 (dense logits) or a positive "
+                       "number of tokens per chunk")
     if self.head_dim % 2:
       raise ValueError(f"config.model.head_dim={self.head_dim}: RoPE needs an even head dimension")
+    self._validate_rope_scaling()
     if self.attention_impl == "cudnn" and self.attn_logit_softcap:
-      raise ValueError("config.model.attention_impl='cudnn' cannot apply attn_logit_softcap; use 'xla' or 'reference'")
+      raise ValueError("config.model.attention_impl='cudnn' cannot apply attn_logit_softcap; use 'blockwise', 'xla' "
+                       "or 'reference'")
     self._validate_moe()
+
+  def _validate_rope_scaling(self):
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ValueError(f"config.model.rope_scaling={self.rope_scaling!r}: expected one of {ROPE_SCALINGS}")
+    if self.rope_scaling != "none" and not self.rope_scaling_factor > 0:
+      raise ValueError(f"config.model.rope_scaling_factor={self.rope_scaling_factor}: expected > 0")
+    if self.rope_scaling == "llama3":
+      if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+        raise ValueError(f"config.model.rope_low_freq_factor={self.rope_low_freq_factor} and "
+                         f"rope_high_freq_factor={self.rope_high_freq_factor}: expected 0 < low < high")
+      if self.rope_original_max_position < 1:
+        raise ValueError(f"config.model.rope_original_max_position={self.rope_original_max_position}: expected >= 1")
 
   def _validate_moe(self):
     if self.num_experts < 0:

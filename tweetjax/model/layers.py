@@ -1,4 +1,4 @@
-"""Building blocks: RMSNorm, token embedding, SwiGLU MLP.
+"""Building blocks: RMSNorm, token embedding, the LM head, SwiGLU MLP.
 
 Dims: B batch, L length, D d_model, F mlp hidden, V vocab.
 Parameters are created in `param_dtype` with logical axis names; compute runs in `dtype`.
@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -45,7 +46,7 @@ class RMSNorm(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding; `attend` reuses the table as the LM head when embeddings are tied."""
+  """Token embedding; with tied embeddings the table is also the LM head's weight (LMHead)."""
   cfg: ModelConfig
 
   def setup(self):
@@ -65,17 +66,51 @@ class Embed(nn.Module):
     x_BxLxD = jnp.take(table_VxD, ids_BxL, axis=0)
     return constrain(x_BxLxD, ("act_batch", "act_length", "act_embed"))
 
-  def attend(self, x_BxLxD: jax.Array) -> jax.Array:
-    cfg = self.cfg
-    if isinstance(self.embedding_VxD, quantize.Int8Table):
-      table = self.embedding_VxD
+
+@flax.struct.dataclass
+class LMHead:
+  """The output layer: final hidden states -> logits. One definition serves the dense logits of the model (training,
+  evaluation, decoding) and the tiled loss (tweetjax/parallel/losses.py), which applies `finalize` to one
+  [tokens, vocab-shard] block at a time.
+
+  `weight` is the untied `lm_head` [D, V] or, with tied embeddings, the embedding table [V, D] (param dtype).
+  """
+  weight: jax.Array
+  cfg: ModelConfig = flax.struct.field(pytree_node=False)
+
+  @property
+  def vocab_axis(self) -> int:
+    """Which axis of `weight` is the vocab: 0 for the tied [V, D] table, 1 for the untied [D, V] head."""
+    return 0 if self.cfg.tie_embeddings else 1
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    cfg, w = self.cfg, self.weight
+    if isinstance(w, quantize.Int8Table):  # tied int8 sampling weights: the table's int8 [D, V] copy
       B, L, D = x_BxLxD.shape
-      logits_NxV = quantize.int8_matmul(x_BxLxD.reshape(B * L, D), table.q_DxV, table.scale_V, cfg.compute_dtype)
-      return logits_NxV.reshape(B, L, -1)
+      z_BxLxV = quantize.int8_matmul(x_BxLxD.reshape(B * L, D), w.q_DxV, w.scale_V, cfg.compute_dtype)
+      return self.finalize(z_BxLxV.reshape(B, L, -1))
+    if self.vocab_axis == 1:  # [D, V] (or an int8 sampling kernel)
+      return self.finalize(contract(x_BxLxD, w, 1, cfg.matmul_impl, cfg.compute_dtype))
     if resolve(cfg.matmul_impl, cfg.compute_dtype) == "cpu_bf16":  # the table as a row-major [D, V] operand
-      table_DxV = row_major_transpose(self.embedding_VxD.astype(cfg.compute_dtype))
-      return contract(x_BxLxD, table_DxV, 1, cfg.matmul_impl, cfg.compute_dtype)
-    return jnp.einsum("bld,vd->blv", x_BxLxD, self.embedding_VxD.astype(cfg.compute_dtype))
+      table_DxV = row_major_transpose(w.astype(cfg.compute_dtype))
+      return self.finalize(contract(x_BxLxD, table_DxV, 1, cfg.matmul_impl, cfg.compute_dtype))
+    return self.finalize(jnp.einsum("bld,vd->blv", x_BxLxD, w.astype(cfg.compute_dtype)))
+
+  def finalize(self, z_xV: jax.Array, vocab_start: int | jax.Array = 0) -> jax.Array:
+    return finalize_logits(self.cfg, z_xV, vocab_start)
+
+
+def finalize_logits(cfg: ModelConfig, z_xV: jax.Array, vocab_start: int | jax.Array = 0) -> jax.Array:
+  """Elementwise end of the LM head: the final-logit soft-cap and the mask of vocab padding, on logits whose last
+  axis holds the vocab ids [vocab_start, vocab_start + z_xV.shape[-1])."""
+  if cfg.final_logit_softcap:
+    cap = cfg.final_logit_softcap
+    z_xV = (cap * jnp.tanh(z_xV.astype(jnp.float32) / cap)).astype(z_xV.dtype)
+  if 0 < cfg.valid_vocab_size < cfg.vocab_size:
+    # The most negative finite value, not -inf: exp gives exactly 0 and p * log p stays 0 instead of NaN.
+    real_V = vocab_start + jnp.arange(z_xV.shape[-1]) < cfg.valid_vocab_size
+    z_xV = jnp.where(real_V, z_xV, jnp.finfo(z_xV.dtype).min)
+  return z_xV
 
 
 class MLP(nn.Module):

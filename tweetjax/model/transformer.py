@@ -13,8 +13,8 @@ import jax.numpy as jnp
 
 from tweetjax.model.attention import Attention
 from tweetjax.model.config import ModelConfig
-from tweetjax.model.layers import MLP, Embed, RMSNorm, constrain, kernel_init, logical_param
-from tweetjax.model.matmul import bf16_on_cpu, contract
+from tweetjax.model.layers import MLP, Embed, LMHead, RMSNorm, constrain, kernel_init, logical_param
+from tweetjax.model.matmul import bf16_on_cpu
 from tweetjax.model.moe import MOE_STATS, MoE
 
 _REMAT_POLICIES = {
@@ -85,8 +85,12 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_BxL: jax.Array, positions_BxL: jax.Array | None = None,
-               segment_ids_BxL: jax.Array | None = None, *, return_hidden: bool = False):
-    """Returns logits_BxLxV (and the final-norm hidden states when `return_hidden`)."""
+               segment_ids_BxL: jax.Array | None = None, *, return_hidden: bool = False, logits: bool = True):
+    """Returns logits_BxLxV (and the final-norm hidden states when `return_hidden`).
+
+    logits=False returns (hidden_BxLxD, LMHead) instead, without computing any logits: for the tiled loss
+    (config.model.logits_chunk) and for callers that need the logits of a few positions only.
+    """
     cfg = self.cfg
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(inputs_BxL.shape[1]), inputs_BxL.shape)
@@ -109,18 +113,13 @@ class Transformer(nn.Module):
     hidden_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
 
     if cfg.tie_embeddings:
-      logits_BxLxV = embed.attend(hidden_BxLxD)
+      head = LMHead(embed.embedding_VxD, cfg)
     else:
-      head_DxV = logical_param(self, "lm_head", kernel_init(0, 1), (cfg.d_model, cfg.vocab_size),
-                               ("embed", "vocab"), cfg)
-      logits_BxLxV = contract(hidden_BxLxD, head_DxV, 1, cfg.matmul_impl, cfg.compute_dtype)
-    if cfg.final_logit_softcap:
-      cap = cfg.final_logit_softcap
-      logits_BxLxV = (cap * jnp.tanh(logits_BxLxV.astype(jnp.float32) / cap)).astype(logits_BxLxV.dtype)
-    if 0 < cfg.valid_vocab_size < cfg.vocab_size:
-      # The most negative finite value, not -inf: exp gives exactly 0 and p * log p stays 0 instead of NaN.
-      real_V = jnp.arange(cfg.vocab_size) < cfg.valid_vocab_size
-      logits_BxLxV = jnp.where(real_V, logits_BxLxV, jnp.finfo(logits_BxLxV.dtype).min)
+      head = LMHead(logical_param(self, "lm_head", kernel_init(0, 1), (cfg.d_model, cfg.vocab_size),
+                                  ("embed", "vocab"), cfg), cfg)
+    if not logits:
+      return hidden_BxLxD, head
+    logits_BxLxV = head(hidden_BxLxD)
     logits_BxLxV = constrain(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
     if return_hidden:
       return logits_BxLxV, hidden_BxLxD

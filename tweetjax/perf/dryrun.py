@@ -50,6 +50,8 @@ class DryRun:
   microbatches: int
   seq_len: int
   remat: str
+  attention_impl: str
+  logits_chunk: int  # tokens per chunk of the tiled LM head + loss (0: dense logits)
   batch_shards: int
   compile_s: float
   xla_memory: dict[str, int]  # per device, from compiled.memory_analysis()
@@ -62,6 +64,7 @@ class DryRun:
   collectives: dict[str, hlo.CollectiveStats]
   device_memory: float  # bytes available per device (after usable_fraction)
   num_params: int
+  module: hlo.Module | None = dataclasses.field(default=None, repr=False)  # the optimized per-device HLO
 
   @property
   def rows_per_shard(self) -> float:
@@ -79,6 +82,7 @@ class DryRun:
   def summary(self) -> dict[str, Any]:
     return {"mesh": self.mesh, "devices": self.devices, "global_batch": self.global_batch,
             "microbatches": self.microbatches, "seq_len": self.seq_len, "remat": self.remat,
+            "attention_impl": self.attention_impl, "logits_chunk": self.logits_chunk,
             "rows_per_batch_shard": self.rows_per_shard, "compile_s": self.compile_s,
             "xla_memory": self.xla_memory, "peak_bytes": self.peak, "fits": self.fits,
             "device_memory_bytes": self.device_memory, "analytic": self.analytic.as_dict(),
@@ -138,7 +142,8 @@ def dry_run(config: ml_collections.ConfigDict, *, device_memory_bytes: float = 8
   tokens_per_device = B * L / mesh.size
   return DryRun(
       mesh=dict(mesh.shape), devices=mesh.size, global_batch=B, microbatches=microbatches, seq_len=L,
-      remat=experiment.model_config.remat_policy,
+      remat=experiment.model_config.remat_policy, attention_impl=experiment.model_config.attention_impl,
+      logits_chunk=experiment.model_config.logits_chunk,
       batch_shards=axis_size(mesh, mesh_axes_of("act_batch", experiment.rules)),
       compile_s=info.seconds, xla_memory=_memory_stats(compiled),
       analytic=memory.estimate(experiment, B, microbatches),
@@ -146,7 +151,7 @@ def dry_run(config: ml_collections.ConfigDict, *, device_memory_bytes: float = 8
       hlo_dot_flops=hlo.dot_flops(module), xla_cost_flops=flops_lib.compiled_flops(compiled),
       model_flops=flops.train * tokens_per_device, model_flops_dense=flops.train_dense_attention * tokens_per_device,
       collectives=hlo.collective_stats(module), device_memory=device_memory_bytes * usable_fraction,
-      num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(layout.abstract_state.params)))
+      num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(layout.abstract_state.params)), module=module)
 
 
 def _gib(n: float) -> str:
@@ -158,7 +163,8 @@ def format_report(run: DryRun) -> str:
   lines = [
       f"mesh {run.mesh} = {run.devices} devices; {run.num_params / 1e9:.2f}B params; global batch {run.global_batch} "
       f"x {run.seq_len} tokens in {run.microbatches} microbatch(es) = {run.rows_per_shard:g} rows per batch shard "
-      f"({run.batch_shards} shards); remat={run.remat}",
+      f"({run.batch_shards} shards); remat={run.remat}; attention={run.attention_impl}; logits_chunk="
+      f"{run.logits_chunk or 'off (dense logits)'}",
       f"compile: {run.compile_s:.1f}s",
       "",
       "memory per device            XLA (CPU-compiled)      analytic",
@@ -225,6 +231,7 @@ def search(config: ml_collections.ConfigDict, *, device_memory_bytes: float, usa
       cache[key] = dry_run(_with(config, remat, m, k, shards), device_memory_bytes=device_memory_bytes,
                            usable_fraction=usable_fraction)
       r = cache[key]
+      r.module = None  # the search keeps every run: not their HLO
       log(f"  remat={remat:<14} rows/shard={m:<4} microbatches={k:<3} peak {r.peak / GIB:8.2f} GiB "
           f"{'fits' if r.fits else 'does NOT fit'} (compile {r.compile_s:.0f}s)")
     return cache[key]

@@ -13,15 +13,19 @@ heads / mlp / vocab are split on, a = bytes of the compute dtype:
   logits and loss:                                      b L (V / t) (a + 4 + 4)  (logits, fp32 softmax, gradient)
 
 Attention scores are counted as materialised (the 'xla' attention on CPU and what a non-fused kernel does); with
-cuDNN flash attention on GPU the L x L terms mostly vanish. A MoE layer's MLP uses k * capacity_factor * expert
-width in place of F.
+cuDNN flash attention on GPU the L x L terms mostly vanish. attention_impl='blockwise' keeps no scores for the
+backward (its custom VJP saves the output and a log-sum-exp per row, b (H / t) L 4) and its transient scores are one
+block pair's, L x L -> block x block. With model.logits_chunk = c > 0 the logits term becomes one chunk's,
+c (V / t) 4 x 4 (logits, probabilities, their gradient, one more elementwise temporary), plus the fp32 head-weight
+gradient D (V / t) 4 and the hidden-state gradient b L D 4 that the tiled loss forms in its forward pass.
+A MoE layer's MLP uses k * capacity_factor * expert width in place of F.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -46,7 +50,7 @@ class MemoryEstimate:
   activations_saved: int
   activations_transient: int
   logits: int
-  attention_scores: int  # the L x L part of activations_saved + activations_transient (gone with flash attention)
+  attention_scores: int  # the score part of activations_saved + activations_transient (gone with flash attention)
 
   @property
   def total_flash_attention(self) -> int:
@@ -69,6 +73,56 @@ class MemoryEstimate:
     return d
 
 
+@dataclasses.dataclass(frozen=True)
+class Activations:
+  saved: int  # all layers' saved activations of one microbatch
+  transient: int  # the largest layer's forward + backward working set
+  logits: int
+  saved_scores: int  # the attention-score part of `saved`
+  transient_scores: int  # the attention-score part of `transient`
+
+
+def activations(cfg, b: int, L: int, t_heads: int, t_mlp: int, t_vocab: int, remat: str, dtype_bytes: int,
+                layers: Sequence[int] | None = None) -> Activations:
+  """The activation model of the module docstring for b rows of L tokens per device (layers: default all).
+
+  `cfg` is a ModelConfig or anything with its shape fields, is_moe_layer() and moe_mlp_dim.
+  """
+  D, H, K, Dh, V = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+  a = dtype_bytes
+  saved, transient, saved_scores, transient_scores = 0, 0, 0, 0
+  # A shape without these fields (the layout search's ModelShape) is the dense-logits, materialised-scores case.
+  blockwise = getattr(cfg, "attention_impl", "xla") == "blockwise"
+  block = min(getattr(cfg, "attention_block_size", L), L)
+  logits_chunk = getattr(cfg, "logits_chunk", 0)
+  for layer in range(cfg.num_layers) if layers is None else layers:
+    F = cfg.mlp_dim
+    if cfg.is_moe_layer(layer):
+      F = int(cfg.experts_per_token * max(cfg.capacity_factor, 1.0) * cfg.moe_mlp_dim)
+    x = b * L * D * a
+    dots_no_batch = x + b * L * (3 * D + (H + 2 * K) * Dh // t_heads + 2 * F // t_mlp) * a
+    # Scores kept for the backward (none with blockwise: its custom VJP saves a log-sum-exp row instead) and the
+    # transient ones of one layer (blockwise: one block pair at a time).
+    scores = 0 if blockwise else b * (H // t_heads) * L * L
+    scores_transient = b * (H // t_heads) * (block * block if blockwise else L * L)
+    lse = b * (H // t_heads) * L * 4 if blockwise and remat != "full" else 0
+    per_policy = {
+        "full": x,
+        "dots_no_batch": dots_no_batch + lse,
+        "dots": dots_no_batch + scores * a + lse,
+        "none": dots_no_batch + scores * a + 2 * b * L * D * 4 + scores * 4 + 2 * b * L * F // t_mlp * a + lse,
+    }
+    saved += per_policy[remat]
+    saved_scores += {"full": 0, "dots_no_batch": 0, "dots": scores * a, "none": scores * (a + 4)}[remat]
+    transient = max(transient, 3 * scores_transient * 4 + 4 * b * L * F // t_mlp * 4 + 6 * b * L * D * 4)
+    transient_scores = 3 * scores_transient * 4
+  if logits_chunk:
+    logits = min(logits_chunk, b * L) * (V // t_vocab) * 16 + D * (V // t_vocab) * 4 + b * L * D * 4
+  else:
+    logits = b * L * (V // t_vocab) * (a + 8)
+  return Activations(saved, transient, logits, saved_scores, transient_scores)
+
+
 def estimate(experiment, global_batch: int, microbatches: int) -> MemoryEstimate:
   cfg = experiment.model_config
   mesh, rules, layout = experiment.mesh, experiment.rules, experiment.layout
@@ -79,28 +133,8 @@ def estimate(experiment, global_batch: int, microbatches: int) -> MemoryEstimate
 
   batch_shards = axis_size(mesh, mesh_axes_of("act_batch", rules))
   b = max(global_batch // microbatches // batch_shards, 1)
-  L, D, H, K, Dh, V = experiment.seq_len, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-  t_heads = axis_size(mesh, mesh_axes_of("act_heads", rules))
-  t_mlp = axis_size(mesh, mesh_axes_of("act_mlp", rules))
-  t_vocab = axis_size(mesh, mesh_axes_of("act_vocab", rules))
-  a = np.dtype(cfg.dtype).itemsize
-  saved, transient, saved_scores, transient_scores = 0, 0, 0, 0
-  for layer in range(cfg.num_layers):
-    F = cfg.mlp_dim
-    if cfg.is_moe_layer(layer):
-      F = int(cfg.experts_per_token * max(cfg.capacity_factor, 1.0) * cfg.moe_mlp_dim)
-    x = b * L * D * a
-    dots_no_batch = x + b * L * (3 * D + (H + 2 * K) * Dh // t_heads + 2 * F // t_mlp) * a
-    scores = b * (H // t_heads) * L * L
-    per_policy = {
-        "full": x,
-        "dots_no_batch": dots_no_batch,
-        "dots": dots_no_batch + scores * a,
-        "none": dots_no_batch + scores * a + 2 * b * L * D * 4 + scores * 4 + 2 * b * L * F // t_mlp * a,
-    }
-    saved += per_policy[cfg.remat_policy]
-    saved_scores += {"full": 0, "dots_no_batch": 0, "dots": scores * a, "none": scores * (a + 4)}[cfg.remat_policy]
-    transient = max(transient, 3 * scores * 4 + 4 * b * L * F // t_mlp * 4 + 6 * b * L * D * 4)
-    transient_scores = 3 * scores * 4
-  logits = b * L * (V // t_vocab) * (a + 8)
-  return MemoryEstimate(params, optimizer, gradients, saved, transient, logits, saved_scores + transient_scores)
+  act = activations(cfg, b, experiment.seq_len, axis_size(mesh, mesh_axes_of("act_heads", rules)),
+                    axis_size(mesh, mesh_axes_of("act_mlp", rules)), axis_size(mesh, mesh_axes_of("act_vocab", rules)),
+                    cfg.remat_policy, np.dtype(cfg.dtype).itemsize)
+  return MemoryEstimate(params, optimizer, gradients, act.saved, act.transient, act.logits,
+                        act.saved_scores + act.transient_scores)

@@ -8,6 +8,7 @@ divided by the whole batch's token count, so k microbatches give the same update
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -17,6 +18,8 @@ import optax
 from jax.sharding import Mesh
 
 from tweetjax.model import moe
+from tweetjax.model.layers import finalize_logits
+from tweetjax.parallel.losses import tiled_cross_entropy
 from tweetjax.parallel.rules import Rules, batch_sharding, mesh_context, replicated
 from tweetjax.parallel.shard_map_ops import vocab_parallel_cross_entropy
 from tweetjax.train.state import StateLayout, TrainState
@@ -36,18 +39,24 @@ class LossFn:
   def __call__(self, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     cfg = self.model.cfg
     inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
-    if cfg.num_experts:  # MoE layers sow router losses and load statistics
-      logits_BxLxV, variables = self.model.apply({"params": params}, *inputs, mutable=[moe.MOE_STATS])
-    else:
-      logits_BxLxV = self.model.apply({"params": params}, *inputs)
-    loss_BxL, log_z_BxL = vocab_parallel_cross_entropy(logits_BxLxV, batch["targets"], self.mesh, self.rules)
+    variables = {"params": params}
+    mutable = [moe.MOE_STATS] if cfg.num_experts else []  # MoE layers sow router losses and load statistics
     weights_BxL = batch["weights"].astype(jnp.float32)
-    ce_sum = jnp.sum(loss_BxL * weights_BxL)
-    z_sum = jnp.sum(jnp.square(log_z_BxL) * weights_BxL)
-    total = ce_sum + self.z_loss_weight * z_sum
+    if cfg.logits_chunk:  # tiled LM head + loss: hidden states in, no [B, L, V] logits
+      (hidden_BxLxD, head), stats = self.model.apply(variables, *inputs, logits=False, mutable=mutable)
+      total, ce_sum, z_sum = tiled_cross_entropy(
+          hidden_BxLxD, head.weight, batch["targets"], weights_BxL, vocab_axis=head.vocab_axis,
+          finalize=functools.partial(finalize_logits, cfg), chunk=cfg.logits_chunk,
+          z_loss_weight=self.z_loss_weight, mesh=self.mesh, rules=self.rules, compute_dtype=cfg.compute_dtype)
+    else:
+      logits_BxLxV, stats = self.model.apply(variables, *inputs, mutable=mutable)
+      loss_BxL, log_z_BxL = vocab_parallel_cross_entropy(logits_BxLxV, batch["targets"], self.mesh, self.rules)
+      ce_sum = jnp.sum(loss_BxL * weights_BxL)
+      z_sum = jnp.sum(jnp.square(log_z_BxL) * weights_BxL)
+      total = ce_sum + self.z_loss_weight * z_sum
     aux = {"ce_sum": ce_sum, "z_sum": z_sum, "tokens": jnp.sum(weights_BxL)}
     if cfg.num_experts:
-      moe_loss_sum, moe_sums = moe.loss_terms(variables[moe.MOE_STATS], cfg, aux["tokens"])
+      moe_loss_sum, moe_sums = moe.loss_terms(stats[moe.MOE_STATS], cfg, aux["tokens"])
       total = total + moe_loss_sum
       aux.update(moe_sums)
     return total, aux
