@@ -172,15 +172,17 @@ def _generate(model, params, tokens_BxP, positions_BxP, segment_ids_BxP, last_in
     spec = cache_spec(params, B, S, cache_dtype)
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
     cache = _constrain_tree(cache, cache_logical_axes(spec))
-    logits_BxPxV, variables = model.apply({"params": params, "cache": cache}, tokens_BxP, positions_BxP,
-                                          segment_ids_BxP, mutable=["cache"])
+    # The prefill needs the logits of each row's last prompt token only: [B, V], not [B, P, V] (at batch 16 and
+    # 32-token prompts the whole-prompt LM head was ~15% of a 64-token generation's FLOPs).
+    (hidden_BxPxD, head), variables = model.apply({"params": params, "cache": cache}, tokens_BxP, positions_BxP,
+                                                  segment_ids_BxP, logits=False, mutable=["cache"])
     carry_model = variables["cache"]
+    logits_BxV = head(hidden_BxPxD[rows_B, last_index_B][:, None])[:, 0]
   else:
     pad_BxT = jnp.zeros((B, T), jnp.int32)
     carry_model = (jnp.concatenate([tokens_BxP, pad_BxT + pad_id], 1), jnp.concatenate([positions_BxP, pad_BxT], 1),
                    jnp.concatenate([segment_ids_BxP, pad_BxT], 1))
-    logits_BxPxV = model.apply({"params": params}, *carry_model)[:, :Pl]
-  logits_BxV = logits_BxPxV[rows_B, last_index_B]
+    logits_BxV = model.apply({"params": params}, *carry_model)[rows_B, last_index_B]
   position_B = positions_BxP[rows_B, last_index_B] + 1
   out_BxT = jnp.full((B, T), pad_id, jnp.int32)
   all_logits = jnp.zeros((B, T, logits_BxV.shape[-1]), jnp.float32) if return_logits else None
