@@ -91,20 +91,34 @@ def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, *, i
   return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_Bx1xLxS, implementation=impl)
 
 
-# KV-cache layout, sharded like the attention heads. The length axis stays unsharded: decoding writes one slot at a
-# time, and a length-sharded cache would send every write to a single shard.
-CACHE_AXES = ("act_batch", None, "act_kv_heads", "act_head_dim")
+def cached_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_Bx1xLxS, *, softcap: float = 0.0):
+  """Attention of L new queries over a KV cache in its [B, K, S, Dh] layout (the reference's math, fp32 softmax).
+
+  The cache's layout is the one both products want: [B, K] batch dims first, Dh contracted last in q k^T and S
+  contracted in p v, so XLA reads the cache as it is instead of transposing all of it for every generated token
+  (with a [B, S, K, Dh] cache those transposes were ~25% of a decode step on a CPU). Only the L queries are
+  regrouped: the G = H / K query heads of a kv head become rows, [B, K, G * L, Dh].
+  """
+  B, L, H, Dh = q_BxLxHxDh.shape
+  K = k_BxKxSxDh.shape[1]
+  G = H // K
+  q_BxKxGLxDh = q_BxLxHxDh.reshape(B, L, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * L, Dh)
+  logits_BxKxGLxS = jnp.einsum("bkqd,bksd->bkqs", q_BxKxGLxDh.astype(k_BxKxSxDh.dtype), k_BxKxSxDh,
+                               preferred_element_type=jnp.float32) * (Dh ** -0.5)
+  if softcap:
+    logits_BxKxGLxS = softcap * jnp.tanh(logits_BxKxGLxS / softcap)
+  S = logits_BxKxGLxS.shape[-1]
+  logits_BxKxGxLxS = logits_BxKxGLxS.reshape(B, K, G, L, S)
+  logits_BxKxGxLxS = jnp.where(mask_Bx1xLxS[:, :, None], logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxGLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).reshape(B, K, G * L, S).astype(v_BxKxSxDh.dtype)
+  out_BxKxGLxDh = jnp.einsum("bkqs,bksd->bkqd", probs_BxKxGLxS, v_BxKxSxDh, preferred_element_type=jnp.float32)
+  out_BxLxHxDh = out_BxKxGLxDh.reshape(B, K, G, L, Dh).transpose(0, 3, 1, 2, 4).reshape(B, L, H, Dh)
+  return out_BxLxHxDh.astype(q_BxLxHxDh.dtype)
 
 
-def _to_cache(x: jax.Array, stored) -> jax.Array:
-  """Keys/values in the cache's storage dtype; uint16 holds bf16 bits (tweetjax.model.decode.default_cache_dtype)."""
-  if stored == jnp.uint16:
-    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
-  return x.astype(stored)
-
-
-def _from_cache(x: jax.Array) -> jax.Array:
-  return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+# KV-cache layout [B, K, S, Dh] (cached_attention says why), sharded like the attention heads. The length axis stays
+# unsharded: decoding writes one slot at a time, and a length-sharded cache would send every write to one shard.
+CACHE_AXES = ("act_batch", "act_kv_heads", None, "act_head_dim")
 
 
 class Attention(nn.Module):
@@ -137,12 +151,9 @@ class Attention(nn.Module):
     v_BxLxKxDh = constrain(v_BxLxKxDh, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
 
     if self.has_variable("cache", "key"):  # decoding: attend over the KV cache (tweetjax.model.decode)
-      k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS = self._update_cache(k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL)
-      # cuDNN wants L == S masks; blockwise attention is for training-length L x L (a few new queries against the
-      # whole cache are one block anyway).
-      impl = "xla" if cfg.attention_impl in ("cudnn", "blockwise") else cfg.attention_impl
-      out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, impl=impl,
-                                           softcap=cfg.attn_logit_softcap)
+      k_BxKxSxDh, v_BxKxSxDh, mask_Bx1xLxS = self._update_cache(k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL)
+      out_BxLxHxDh = cached_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_Bx1xLxS,
+                                      softcap=cfg.attn_logit_softcap)
     elif cfg.attention_impl == "blockwise":
       out_BxLxHxDh = blockwise_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, segment_ids_BxL,
                                          softcap=cfg.attn_logit_softcap, block=cfg.attention_block_size)
@@ -157,7 +168,7 @@ class Attention(nn.Module):
   def _update_cache(self, k_BxLxKxDh: jax.Array, v_BxLxKxDh: jax.Array, segment_ids_BxL: jax.Array):
     """Writes L new keys/values at the cache cursor; returns the whole cache and the mask of the L queries over it.
 
-    The "cache" collection (laid out by tweetjax.model.decode.cache_spec) holds `key`, `value` [B, S, K, Dh],
+    The "cache" collection (laid out by tweetjax.model.decode.cache_spec) holds `key`, `value` [B, K, S, Dh],
     `segment_ids` [B, S] (0 = empty or padding slot, never attended) and `index` (next free slot, shared by the
     rows). Query i sits in slot index + i and sees the filled slots up to its own with its segment id, so left- or
     right-padded prompts and the tokens generated after them attend exactly as in one unpadded forward pass.
@@ -165,17 +176,18 @@ class Attention(nn.Module):
     key, value = self.variable("cache", "key"), self.variable("cache", "value")
     segments, index = self.variable("cache", "segment_ids"), self.variable("cache", "index")
     B, L = segment_ids_BxL.shape
-    S = key.value.shape[1]
+    S = key.value.shape[2]
     start = index.value
-    k_BxSxKxDh = jax.lax.dynamic_update_slice(key.value, _to_cache(k_BxLxKxDh, key.value.dtype), (0, start, 0, 0))
-    v_BxSxKxDh = jax.lax.dynamic_update_slice(value.value, _to_cache(v_BxLxKxDh, value.value.dtype),
-                                              (0, start, 0, 0))
+    k_BxKxLxDh, v_BxKxLxDh = k_BxLxKxDh.transpose(0, 2, 1, 3), v_BxLxKxDh.transpose(0, 2, 1, 3)
+    k_BxKxSxDh = jax.lax.dynamic_update_slice(key.value, k_BxKxLxDh.astype(key.value.dtype), (0, 0, start, 0))
+    v_BxKxSxDh = jax.lax.dynamic_update_slice(value.value, v_BxKxLxDh.astype(value.value.dtype),
+                                              (0, 0, start, 0))
     kv_segment_ids_BxS = jax.lax.dynamic_update_slice(segments.value, segment_ids_BxL.astype(jnp.int32), (0, start))
-    key.value = constrain(k_BxSxKxDh, CACHE_AXES)
-    value.value = constrain(v_BxSxKxDh, CACHE_AXES)
+    key.value = constrain(k_BxKxSxDh, CACHE_AXES)
+    value.value = constrain(v_BxKxSxDh, CACHE_AXES)
     segments.value = kv_segment_ids_BxS
     index.value = start + L
     q_slots_BxL = jnp.broadcast_to(start + jnp.arange(L, dtype=jnp.int32), (B, L))
     kv_slots_BxS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     mask_Bx1xLxS = attention_mask(segment_ids_BxL, kv_segment_ids_BxS, q_slots_BxL, kv_slots_BxS)
-    return _from_cache(key.value), _from_cache(value.value), mask_Bx1xLxS
+    return key.value, value.value, mask_Bx1xLxS

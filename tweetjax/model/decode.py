@@ -30,6 +30,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from tweetjax.model import quantize
 from tweetjax.model.attention import CACHE_AXES
 from tweetjax.model.matmul import bf16_on_cpu
+from tweetjax.model.transformer import unstack_layers
 from tweetjax.parallel.rules import (Rules, axis_size, batch_sharding, host_to_global, mesh_axes_of, mesh_context,
                                      replicated)
 
@@ -64,7 +65,7 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, sampling: SamplingConfi
   if sampling.vocab_size and sampling.vocab_size < logits_BxV.shape[-1]:
     logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < sampling.vocab_size, logits_BxV, neg_inf)
   if sampling.temperature == 0.0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return first_argmax(logits_BxV)
   logits_BxV = logits_BxV / sampling.temperature
   if sampling.top_k:
     kth_Bx1 = jax.lax.top_k(logits_BxV, min(sampling.top_k, logits_BxV.shape[-1]))[0][:, -1:]
@@ -72,6 +73,16 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, sampling: SamplingConfi
   if sampling.top_p < 1.0:
     logits_BxV = jnp.where(nucleus_mask(logits_BxV, sampling.top_p), logits_BxV, neg_inf)
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def first_argmax(x_BxV: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (the first index of the maximum) as two plain reductions, max and min: XLA:CPU
+  runs argmax's (value, index) variadic reduction unvectorised, ~2.5 ms per [16, 32k] logits here. A row whose
+  maximum is NaN gives its first NaN, as jnp.argmax does."""
+  V = x_BxV.shape[-1]
+  max_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
+  hit_BxV = (x_BxV == max_Bx1) | jnp.isnan(x_BxV)
+  return jnp.min(jnp.where(hit_BxV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
 
 
 NUCLEUS_BISECTION_STEPS = 32
@@ -127,8 +138,8 @@ def cache_spec(params: Any, batch: int, length: int, dtype) -> Any:
       query = tree["query"]  # [(N,) D, H, Dh]
       lead = tuple(query.shape[:-3])
       K, Dh = tree["key"].shape[-2:]
-      return {"key": jax.ShapeDtypeStruct(lead + (batch, length, K, Dh), dtype),
-              "value": jax.ShapeDtypeStruct(lead + (batch, length, K, Dh), dtype),
+      return {"key": jax.ShapeDtypeStruct(lead + (batch, K, length, Dh), dtype),
+              "value": jax.ShapeDtypeStruct(lead + (batch, K, length, Dh), dtype),
               "segment_ids": jax.ShapeDtypeStruct(lead + (batch, length), jnp.int32),
               "index": jax.ShapeDtypeStruct(lead, jnp.int32)}
     if isinstance(tree, dict):
@@ -146,7 +157,7 @@ def cache_logical_axes(spec: Any) -> Any:
   """Logical axis names of each cache leaf (leading layer axis, when present, is unsharded)."""
   def axes(path, leaf):
     name = path[-1].key
-    base = {"key": CACHE_AXES, "value": CACHE_AXES, "segment_ids": CACHE_AXES[:2], "index": ()}[name]
+    base = {"key": CACHE_AXES, "value": CACHE_AXES, "segment_ids": ("act_batch", None), "index": ()}[name]
     return P(*((None,) * (leaf.ndim - len(base)) + tuple(base)))
   return jax.tree_util.tree_map_with_path(axes, spec)
 
@@ -225,13 +236,17 @@ class PreparedWeights:
   weights: str
 
 
-def default_cache_dtype(compute_dtype):
-  """The KV cache's storage dtype: the compute dtype, except bf16 on a CPU, stored as its bits in uint16.
+def default_cache_dtype(compute_dtype) -> jnp.dtype:
+  """The KV cache's dtype: the compute dtype, except fp32 for bf16 compute on a CPU. XLA:CPU writes a token's slot
+  of a bf16 buffer at ~0.25 ms per [16, 4, 96, 64] layer cache (it converts more than the slot), an fp32 slot in
+  place in microseconds; the cached attention then runs in fp32, and its FLOPs are few next to the weights'
+  (small, batch 16, int8 weights: 634 vs 507 tokens/s in one sitting)."""
+  return jnp.dtype(jnp.float32) if bf16_on_cpu(compute_dtype) else jnp.dtype(compute_dtype)
 
-  XLA:CPU writes one slot of a bf16 buffer by converting the whole buffer to fp32 and back (bf16 is not one of its
-  native types), so a bf16 cache would be rewritten whole for every token; a uint16 buffer is updated in place and
-  read back as bf16 by a free bitcast (Attention._update_cache)."""
-  return jnp.dtype(jnp.uint16) if bf16_on_cpu(compute_dtype) else jnp.dtype(compute_dtype)
+
+def _prepare(params: Any, *, weights: str, cfg, unstack: bool) -> Any:
+  params = quantize.prepare_weights(params, weights, tied_embeddings=cfg.tie_embeddings)
+  return unstack_layers(params, cfg) if unstack else params
 
 
 class Sampler:
@@ -240,22 +255,31 @@ class Sampler:
   `weights` (tweetjax/model/quantize.py): "model" (default) decodes with the params as they are, in the model's
   compute dtype; "bfloat16" and "int8" convert them once (`prepare`) and decode in bf16, reading half / a quarter
   of the fp32 bytes per token.
+
+  `unstack_layers` (default): a scanned model decodes unscanned, from per-layer copies of its params made by
+  `prepare` (transformer.unstack_layers). In a layer loop every generated token would slice each layer's weights
+  out of the stacked arrays, and XLA materialises those slices: one more write and read of all the weights per
+  token, in a loop whose time is reading the weights. The copies cost one params' worth of memory while they live.
   """
 
   def __init__(self, model: nn.Module, mesh: Mesh, rules: Rules, *, pad_id: int = 0, prompt_bucket: int = 16,
-               cache_dtype=None, weights: str | None = None):
+               cache_dtype=None, weights: str | None = None, unstack_layers: bool = True):
     self.weights = weights or "model"
     if self.weights not in quantize.WEIGHT_FORMATS:
       raise ValueError(f"Sampler weights={weights!r}: expected one of {quantize.WEIGHT_FORMATS}")
+    self.stacked_cfg = model.cfg
     if self.weights != "model" and model.cfg.dtype != "bfloat16":
       model = model.clone(cfg=dataclasses.replace(model.cfg, dtype="bfloat16"))
+    self.unstack = unstack_layers and model.cfg.scan_layers
+    if self.unstack:
+      model = model.clone(cfg=dataclasses.replace(model.cfg, scan_layers=False))
     self.model, self.mesh, self.rules, self.pad_id = model, mesh, rules, pad_id
     self.prompt_bucket = prompt_bucket
-    self.cache_dtype = jnp.dtype(cache_dtype) if cache_dtype else default_cache_dtype(model.cfg.compute_dtype)
+    self.cache_dtype = jnp.dtype(cache_dtype or default_cache_dtype(model.cfg.compute_dtype))
     self.batch_shards = axis_size(mesh, mesh_axes_of("act_batch", rules))
     self._compiled: dict[tuple, Any] = {}
-    self._prepare = jax.jit(functools.partial(quantize.prepare_weights, weights=self.weights,
-                                              tied_embeddings=model.cfg.tie_embeddings))
+    self._prepare = jax.jit(functools.partial(_prepare, weights=self.weights, cfg=self.stacked_cfg,
+                                              unstack=self.unstack))
 
   def prepare(self, params: Any) -> PreparedWeights:
     """`params` in this sampler's weight format; pass the result to `generate` to convert only once."""
@@ -263,6 +287,8 @@ class Sampler:
       if params.weights != self.weights:
         raise ValueError(f"params prepared for weights={params.weights!r}, this sampler uses {self.weights!r}")
       return params
+    if self.weights == "model" and not self.unstack:
+      return PreparedWeights(nn.meta.unbox(params), self.weights)  # nothing to convert: no copy
     with mesh_context(self.mesh, self.rules):
       return PreparedWeights(self._prepare(params), self.weights)
 

@@ -66,6 +66,20 @@ class BlockGroup(nn.Module):
     return x_BxLxD, None
 
 
+def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
+  """Scanned params (one "layers" subtree, a leading layer axis on every leaf) as the unscanned model's
+  layers_0 .. layers_{N-1}: what `cfg` with scan_layers=False applies to, computing the same function."""
+  if not cfg.scan_layers:
+    return params
+  out = {k: v for k, v in params.items() if k != "layers"}
+  grouped = cfg.num_experts and cfg.moe_every > 1  # BlockGroup units of moe_every layers (_scan_unit)
+  for i in range(cfg.num_layers):
+    unit, j = divmod(i, cfg.moe_every) if grouped else (i, 0)
+    tree = params["layers"][f"block_{j}"] if grouped else params["layers"]
+    out[f"layers_{i}"] = jax.tree.map(lambda x, unit=unit: x[unit], tree)
+  return out
+
+
 def _scan_unit(cfg: ModelConfig, block):
   """(module class, its constructor kwargs, scan length): one layer, or a BlockGroup of moe_every layers."""
   if cfg.num_experts and cfg.moe_every > 1:
