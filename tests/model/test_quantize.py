@@ -30,6 +30,13 @@ def test_int8_matmul_and_contract_match_the_float_product():
   assert q.q.dtype == jnp.int8 and q.scale.shape == (24,)
   want = jnp.tensordot(x, w, 2, precision="highest")
   assert _rel(np.asarray(quantize.int8_contract(x, q, jnp.float32)), np.asarray(want)) < 1.5e-2
+  # Kernels of one input fused into one dot give the separate products exactly (same int8 x, int32 sums).
+  x2 = x.reshape(12, 32)
+  ka, kb = (quantize.quantize_kernel(jax.random.normal(k, (32, m)), 1, 2)
+            for k, m in zip(jax.random.split(kw), (8, 5)))
+  fused = quantize.int8_contract_fused(x2, [ka, kb], jnp.float32)
+  for y, k in zip(fused, (ka, kb)):
+    np.testing.assert_array_equal(y, quantize.int8_contract(x2, k, jnp.float32))
   stacked = quantize.quantize_kernel(jnp.stack([w, 2 * w]), num_contracted=2, rank=3)  # a scanned layer axis
   np.testing.assert_array_equal(stacked.q[1], q.q)
   np.testing.assert_allclose(stacked.scale[1], 2 * q.scale, rtol=1e-6)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from tweetjax.model.blockwise import blockwise_attention
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.layers import constrain, kernel_init, logical_param
-from tweetjax.model.matmul import contract
+from tweetjax.model.matmul import contract, contract_each
 
 
 def rope_inv_freq(head_dim: int, theta: float, cfg: ModelConfig | None = None) -> jax.Array:
@@ -135,9 +135,8 @@ class Attention(nn.Module):
                               cfg)
     wo_HxDhxD = logical_param(self, "out", kernel_init((0, 1), 2), (H, Dh, D), ("heads", "head_dim", "embed"), cfg)
 
-    q_BxLxHxDh = contract(x_BxLxD, wq_DxHxDh, 1, cfg.matmul_impl, dt)
-    k_BxLxKxDh = contract(x_BxLxD, wk_DxKxDh, 1, cfg.matmul_impl, dt)
-    v_BxLxKxDh = contract(x_BxLxD, wv_DxKxDh, 1, cfg.matmul_impl, dt)
+    q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh = contract_each(x_BxLxD, (wq_DxHxDh, wk_DxKxDh, wv_DxKxDh), 1,
+                                                       cfg.matmul_impl, dt)
     if cfg.qkv_bias:  # Qwen2: biases on the q/k/v projections, none on the output
       def bias(name, shape, axes):
         return logical_param(self, name, nn.initializers.zeros, shape, axes, cfg).astype(dt)

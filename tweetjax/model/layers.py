@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from tweetjax.model import quantize
 from tweetjax.model.config import ModelConfig
-from tweetjax.model.matmul import contract, matmul, resolve, row_major_transpose
+from tweetjax.model.matmul import contract, contract_each, matmul, resolve, row_major_transpose
 
 Axes = Sequence[str | None]
 
@@ -129,8 +129,7 @@ class MLP(nn.Module):
     # products transposed for the weight-gradient dots, ~18% of a small.py fp32 step (benchmarks/RESULTS.md).
     B, L, _ = x_BxLxD.shape
     x_NxD = x_BxLxD.reshape(B * L, D)
-    gate_NxF = matmul(x_NxD, gate_DxF, cfg.matmul_impl, dt)
-    up_NxF = matmul(x_NxD, up_DxF, cfg.matmul_impl, dt)
+    gate_NxF, up_NxF = contract_each(x_NxD, (gate_DxF, up_DxF), 1, cfg.matmul_impl, dt)
     h_BxLxF = constrain((nn.silu(gate_NxF) * up_NxF).reshape(B, L, F), ("act_batch", "act_length", "act_mlp"))
     out_NxD = matmul(h_BxLxF.reshape(B * L, F), down_FxD, cfg.matmul_impl, dt)
     return constrain(out_NxD.reshape(B, L, D), ("act_batch", "act_length", "act_embed"))

@@ -98,6 +98,14 @@ def matmul(x_NxK: jax.Array, w_KxM, impl: str, dtype) -> jax.Array:
   return x_NxK.astype(dtype) @ w_KxM.astype(dtype)
 
 
+def contract_each(x: jax.Array, ws, num_contracted: int, impl: str, dtype) -> list[jax.Array]:
+  """[contract(x, w, ...) for w in ws]; int8 sampling kernels of one input share a single dot
+  (quantize.int8_contract_fused)."""
+  if all(isinstance(w, quantize.Int8Kernel) for w in ws):
+    return quantize.int8_contract_fused(x, ws, dtype)
+  return [contract(x, w, num_contracted, impl, dtype) for w in ws]
+
+
 def contract(x: jax.Array, w: jax.Array, num_contracted: int, impl: str, dtype) -> jax.Array:
   """Contracts the last `num_contracted` dims of x with the first of w (`jnp.tensordot(x, w, num_contracted)`),
   e.g. [B, L, D] x [D, H, Dh] -> [B, L, H, Dh] (1) or [B, L, H, Dh] x [H, Dh, D] -> [B, L, D] (2)."""

@@ -99,6 +99,22 @@ def int8_contract(x: jax.Array, w: Int8Kernel, dtype) -> jax.Array:
   return y_NxM.reshape(*lead, *out)
 
 
+def int8_contract_fused(x: jax.Array, kernels, dtype) -> list[jax.Array]:
+  """`int8_contract(x, w)` for several kernels of the same input (q/k/v, gate/up): one quantisation of x and one
+  dot over the kernels' concatenated output features, split afterwards. The concatenation is loop-invariant, so
+  XLA builds it once, outside the decode loop; the loop runs fewer, larger dots (each dot is a kernel launch that
+  costs about as much as a small dot's arithmetic at decode sizes)."""
+  n = kernels[0].num_contracted
+  lead, K = x.shape[:x.ndim - n], math.prod(x.shape[x.ndim - n:])
+  outs = [w.q.shape[n:] for w in kernels]
+  q_KxM = jnp.concatenate([w.q.reshape(K, -1) for w in kernels], axis=1)
+  scale_M = jnp.concatenate([w.scale.reshape(-1) for w in kernels])
+  y_NxM = int8_matmul(x.reshape(math.prod(lead), K), q_KxM, scale_M, dtype)
+  sizes = [math.prod(o) for o in outs]
+  pieces = jnp.split(y_NxM, [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)], axis=1)
+  return [y.reshape(*lead, *o) for y, o in zip(pieces, outs)]
+
+
 def prepare_weights(params, weights: str, tied_embeddings: bool):
   """`params` in the sampling weight format `weights` (see the module docstring)."""
   if weights not in WEIGHT_FORMATS:
