@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -49,3 +50,21 @@ def assert_batches_equal(a, b) -> None:
   for x, y in zip(a, b, strict=True):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+@contextlib.contextmanager
+def backend_compiles():
+  """Yields a list that gains one entry per XLA backend compilation while the block runs."""
+  from jax._src import dispatch  # pylint: disable=g-import-not-at-top
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == dispatch.BACKEND_COMPILE_EVENT:
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

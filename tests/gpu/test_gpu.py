@@ -7,9 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src import dispatch
 
-from tests.helpers import load_config
+from tests.helpers import backend_compiles, load_config
 from tweetjax.model import config as model_config
 from tweetjax.model.transformer import Transformer
 from tweetjax.train.experiment import build_experiment
@@ -76,16 +75,8 @@ def _train(device: jax.Device, steps: int):
   step_fn = experiment.train_step()
   batches = make_train_iterator(config, experiment)
   prepared = [next(batches) for _ in range(steps)]
-  compiles = []
-
-  def listener(event, duration, **kwargs):
-    del duration, kwargs
-    if event == dispatch.BACKEND_COMPILE_EVENT:
-      compiles.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
   losses, per_step = [], []
-  try:
+  with backend_compiles() as compiles:
     for i, batch in enumerate(prepared):
       before = len(compiles)
       if i == 0:
@@ -95,8 +86,6 @@ def _train(device: jax.Device, steps: int):
           state, metrics = step_fn(state, batch)
       losses.append(float(metrics["loss"]))
       per_step.append(len(compiles) - before)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   return losses, per_step, step_fn.jitted._cache_size()
 
 

@@ -2,9 +2,8 @@
 
 import jax
 import pytest
-from jax._src import dispatch
 
-from tests.helpers import load_config
+from tests.helpers import backend_compiles, load_config
 from tweetjax.train.experiment import build_experiment
 from tweetjax.train.loop import make_train_iterator
 
@@ -21,16 +20,8 @@ def run():
   batches = make_train_iterator(config, experiment)
   prepared = [next(batches) for _ in range(_STEPS)]  # explicit host->device placement, before the guard
 
-  compiles = []
-
-  def listener(event, duration, **kwargs):
-    del duration, kwargs
-    if event == dispatch.BACKEND_COMPILE_EVENT:
-      compiles.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
   per_step, donated, losses = [], [], []
-  try:
+  with backend_compiles() as compiles:
     for i, batch in enumerate(prepared):
       before = len(compiles)
       old_params = jax.tree.leaves(state.params)
@@ -43,8 +34,6 @@ def run():
       jax.block_until_ready(metrics)
       per_step.append(len(compiles) - before)
       donated.append(all(leaf.is_deleted() for leaf in old_params))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   return {"per_step": per_step, "donated": donated, "cache_size": step_fn.jitted._cache_size(),
           "losses": [float(x) for x in jax.device_get(losses)]}
 
