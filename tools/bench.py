@@ -60,7 +60,8 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "decode section: generated 
 _DECODE_REPEATS = flags.DEFINE_integer("decode_repeats", 3, "decode section: timed calls (after a warm-up).")
 _LAYERS = flags.DEFINE_list("compile_layers", ["4", "16", "48"], "Depths for the compile-time benchmark.")
 _GPU = flags.DEFINE_bool("gpu", False, "GPU mode: experiments/llama_1b.py in bf16 with cuDNN attention.")
-X
+_GPU_ROWS = flags.DEFINE_integer("gpu_rows_per_device", 4, "GPU mode: rows (of the config's seq_len) per device "
+                                 "per step.")
 _GPU_CONFIG = flags.DEFINE_string("gpu_config", "experiments/llama_1b.py", "GPU mode: the config to time.")
 _GPU_ATTENTION = flags.DEFINE_string("gpu_attention", "cudnn", "GPU mode: model.attention_impl.")
 _GPU_ALLOW_CPU = flags.DEFINE_bool("gpu_allow_cpu", False, "GPU mode on a CPU (checks the mode's plumbing, e.g. "
