@@ -28,6 +28,16 @@ def test_script_parses_and_rejects_unknown_arguments():
   assert "--cpu" in usage and "--no-install" in usage
 
 
+def test_bench_defines_the_flags_the_script_passes():
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "bench.py"), "--helpfull"], capture_output=True,
+                        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  usage, script = proc.stdout + proc.stderr, open(SCRIPT).read()
+  for flag in ("gpu", "gpu_allow_cpu", "gpu_config", "gpu_attention", "gpu_rows_per_device", "steps", "json_out"):
+    assert f"--{flag}" in script, flag
+    assert f"--{flag}:" in usage or f"--[no]{flag}:" in usage, flag
+
+
 def _stage(work, name, status, rc=0, text=""):
   log = os.path.join(work, f"{name}.log")
   with open(log, "w") as f:
