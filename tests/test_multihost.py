@@ -56,7 +56,8 @@ def test_two_processes_match_one(tmp_path):
   assert got[-1] < got[0]  # it trained
   # Both processes checkpointed together at the end (orbax across processes).
   assert os.path.isdir(multi / "checkpoints" / str(_STEPS))
-  assert load_config("tiny").mesh.to_dict() == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+  assert load_config("tiny").mesh.to_dict() == {"data": 2, "stage": 1, "fsdp": 2, "expert": 1, "context": 1,
+                                                "tensor": 2}
 
 
 def _run_single(workdir, overrides) -> list[float]:

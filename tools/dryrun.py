@@ -45,7 +45,7 @@ def parse_mesh(spec: str) -> dict[str, int]:
   for item in filter(None, (s.strip() for s in spec.split(","))):
     name, sep, size = item.partition("=")
     if not sep:
-      raise app.UsageError(f"--mesh item {item!r}: expected axis=size (axes: data, fsdp, expert, tensor)")
+      raise app.UsageError(f"--mesh item {item!r}: expected axis=size (axes: data, stage, fsdp, expert, context, tensor)")
     mesh[name.strip()] = int(size)
   return mesh
 
@@ -55,7 +55,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   if _MESH.value:
-    mesh = {axis: 1 for axis in ("data", "fsdp", "expert", "tensor")}
+    mesh = {axis: 1 for axis in config.mesh.keys()}
     mesh.update(parse_mesh(_MESH.value))
     config.mesh.update(mesh)
   sizes = [int(v) for v in config.mesh.values()]

@@ -18,8 +18,9 @@ def tiny(**mesh):
 
 def test_mesh_fills_minus_one_and_orders_axes():
   mesh = make_mesh({"data": -1, "tensor": 2})
-  assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
-  assert resolve_mesh_shape({"fsdp": -1}, 1) == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+  assert dict(mesh.shape) == {"data": 4, "stage": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 2}
+  assert resolve_mesh_shape({"fsdp": -1}, 1) == {"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "context": 1,
+                                                 "tensor": 1}
 
 
 @pytest.mark.parametrize("sizes,message", [

@@ -2,7 +2,8 @@
 
 Dims: B batch, L length, D d_model, V vocab.
 Layers are stacked with nn.scan (one compiled layer body, params with a leading "layers" axis) and wrapped in
-nn.remat with the policy from the config.
+nn.remat with the policy from the config. With a `pipeline` spec of more than one stage, the scanned stack runs
+through tweetjax/parallel/pipeline.py instead (same params, same result); the model sees stages nowhere else.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tweetjax.model.attention import Attention
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.layers import MLP, Embed, RMSNorm, constrain, kernel_init, logical_param
 from tweetjax.model.moe import MOE_STATS, MoE
+from tweetjax.parallel import pipeline as pipeline_lib
 
 _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -72,8 +74,14 @@ def _scan_unit(cfg: ModelConfig, block):
   return block, {"use_moe": cfg.num_experts > 0}, cfg.num_layers
 
 
+def _scanned(cfg: ModelConfig, unit, length: int):
+  return nn.scan(unit, variable_axes={"params": 0, "cache": 0, MOE_STATS: 0}, split_rngs={"params": True},
+                 in_axes=(nn.broadcast, nn.broadcast), length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+
+
 class Transformer(nn.Module):
   cfg: ModelConfig
+  pipeline: pipeline_lib.PipelineSpec | None = None  # stages > 1: the layer scan runs as a pipeline
 
   @nn.compact
   def __call__(self, inputs_BxL: jax.Array, positions_BxL: jax.Array | None = None,
@@ -90,10 +98,11 @@ class Transformer(nn.Module):
     block = _block_class(cfg)
     if cfg.scan_layers:
       unit, unit_kwargs, length = _scan_unit(cfg, block)
-      layers = nn.scan(unit, variable_axes={"params": 0, "cache": 0, MOE_STATS: 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=length,
-                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, _ = layers(cfg, **unit_kwargs, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL)
+      if self._pipelined(inputs_BxL.shape[0]):
+        x_BxLxD = self._pipeline_layers(unit, unit_kwargs, length, x_BxLxD, positions_BxL, segment_ids_BxL)
+      else:
+        layers = _scanned(cfg, unit, length)
+        x_BxLxD, _ = layers(cfg, **unit_kwargs, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL)
     else:
       for i in range(cfg.num_layers):
         x_BxLxD, _ = block(cfg, use_moe=cfg.is_moe_layer(i), name=f"layers_{i}")(x_BxLxD, positions_BxL,
@@ -117,3 +126,34 @@ class Transformer(nn.Module):
     if return_hidden:
       return logits_BxLxV, hidden_BxLxD
     return logits_BxLxV
+
+  def _pipelined(self, batch: int) -> bool:
+    """Pipeline the layers unless there is one stage, params are being created, a KV cache is being filled
+    (decoding), or the batch does not split into the microbatches (a short evaluation batch; the plain scan is
+    then correct, only slower, as the stage-sharded weights are gathered)."""
+    spec = self.pipeline
+    return (spec is not None and spec.stages > 1 and not self.is_initializing()
+            and not self.is_mutable_collection("cache") and batch % spec.microbatches == 0)
+
+  def _pipeline_layers(self, unit, unit_kwargs, length, x_BxLxD, positions_BxL, segment_ids_BxL):
+    """The scanned stack through the pipeline: each stage applies its units of the same "layers" params."""
+    cfg, spec = self.cfg, self.pipeline
+    stage_stack = _scanned(cfg, unit, length // (spec.stages * spec.repeats))(cfg, **unit_kwargs, parent=None)
+    moe = cfg.num_experts > 0
+
+    def stage_fn(params, x, positions, segment_ids):
+      if moe:
+        (y, _), variables = stage_stack.apply({"params": params}, x, positions, segment_ids, mutable=[MOE_STATS])
+        return y, variables[MOE_STATS]
+      y, _ = stage_stack.apply({"params": params}, x, positions, segment_ids)
+      return y, {}
+
+    M = spec.microbatches
+    split = lambda a: pipeline_lib.split_microbatches(a, M)
+    x_MxBxLxD = constrain(split(x_BxLxD), (None, "act_batch", "act_length", "act_embed"))
+    y_MxBxLxD, stats = pipeline_lib.run(stage_fn, self.variables["params"]["layers"], x_MxBxLxD,
+                                        (split(positions_BxL), split(segment_ids_BxL)), spec)
+    if moe:  # same collection layout as the scan's: {"layers": {...: [units, microbatches]}}
+      self.put_variable(MOE_STATS, "layers", stats)
+    y_BxLxD = pipeline_lib.merge_microbatches(y_MxBxLxD)
+    return constrain(y_BxLxD, ("act_batch", "act_length", "act_embed"))

@@ -33,12 +33,15 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("layers", None),
+    # Pipeline parallelism: the stacked layers' leading axis is split into contiguous blocks, one per stage
+    # (tweetjax/parallel/pipeline.py); a size-1 `stage` axis leaves them replicated as before.
+    ("layers", "stage"),
     ("norm", None),
     ("experts", "expert"),
     # Activations.
     ("act_batch", BATCH_AXES),
-    ("act_length", None),
+    # Context parallelism: the sequence is split over `context` (ring attention, tweetjax/parallel/context.py).
+    ("act_length", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
@@ -46,6 +49,7 @@ DEFAULT_RULES: Rules = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("act_experts", "expert"),
+    ("act_stage", "stage"),  # the stage dimension of the pipeline's [stages, batch, length, embed] buffers
 )
 
 

@@ -1,0 +1,144 @@
+"""Pipeline parallelism: pipelined layouts train exactly like one device, the schedule's bookkeeping, validation
+messages, and checkpoints that move between pipelined and plain meshes.
+
+Equivalence: same init, same batches, fp32; loss and grads of the first batch within 1e-5 (relative, per param,
+L2) and params after 3 AdamW steps within 3e-5 of the single-device run (tests/train/test_equivalence.py's
+tolerances). The layouts cover circular repeats, remat, gradient accumulation, FSDP, tensor and expert
+parallelism under the stage axis.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from tests.helpers import assert_same_training, load_config, train_on_layout
+from tweetjax.data.token_stream import synthetic_batch
+from tweetjax.parallel import pipeline
+from tweetjax.parallel.mesh import MeshError
+from tweetjax.train.checkpoint import CheckpointManager
+from tweetjax.train.experiment import build_experiment
+
+STEPS = 3
+
+
+def small_config(mesh=None, moe=False, **train):
+  """4 layers of d_model 32, 16 rows of 32 tokens: compiles in seconds on 8 fake devices."""
+  config = load_config("tiny")
+  config.mesh.update({axis: 1 for axis in config.mesh.keys()})
+  config.mesh.update(mesh or {})
+  config.model.update(vocab_size=256, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+                      mlp_dim=64, dtype="float32")
+  if moe:  # capacity E / K: nothing is ever dropped, whatever the capacity groups
+    config.model.update(num_experts=4, experts_per_token=2, moe_every=2, expert_mlp_dim=32, capacity_factor=2.0)
+  config.data.update(seq_len=32, global_batch_size=16)
+  config.optimizer.update(warmup_steps=0, eps=1e-6, learning_rate=3e-3)
+  config.train.update(train)
+  return config
+
+
+def batches(config, equal_tokens=False):
+  out = []
+  for k in range(STEPS):
+    b = synthetic_batch(7, k, config.data.global_batch_size, config.data.seq_len, config.model.vocab_size)
+    if equal_tokens:
+      # Router losses are per-microbatch means, weighted by the microbatch's tokens under gradient accumulation
+      # and equally under a pipeline: with the same token count in every microbatch both are the same number.
+      b["segment_ids"] = np.maximum(b["segment_ids"], 1)
+      b["weights"] = np.ones_like(b["weights"])
+    out.append(b)
+  return out
+
+
+@pytest.fixture(scope="module")
+def dense_reference():
+  config = small_config()
+  params = jax.device_get(build_experiment(config, devices=jax.devices()[:1]).init_state().params)
+  return params, train_on_layout(config, params, batches(config), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh,train", [
+    (dict(stage=2, data=4), dict(pipeline_microbatches=4, pipeline_repeats=2)),
+    (dict(stage=4, tensor=2), dict(pipeline_microbatches=4)),
+    (dict(stage=2, fsdp=2, tensor=2), dict(pipeline_microbatches=2, microbatches=2)),
+], ids=["stage=2,data=4,repeats=2", "stage=4,tensor=2", "stage=2,fsdp=2,tensor=2,accumulate=2"])
+def test_pipeline_matches_single_device(dense_reference, mesh, train):
+  params, reference = dense_reference
+  config = small_config(mesh, **train)
+  if mesh.get("stage") == 4:
+    config.model.remat_policy = "full"  # remat inside the stages
+  assert_same_training(train_on_layout(config, params, batches(config)), reference, params)
+
+
+def test_moe_pipeline_matches_single_device():
+  """MoE groups of 2 layers on 2 stages with experts all-to-all inside each stage, vs one device accumulating
+  over the same 4 microbatches (router statistics are per microbatch in both)."""
+  reference_config = small_config(moe=True, microbatches=4)
+  params = jax.device_get(build_experiment(reference_config, devices=jax.devices()[:1]).init_state().params)
+  want = train_on_layout(reference_config, params, batches(reference_config, True), jax.devices()[:1])
+  config = small_config(dict(stage=2, expert=2, data=2), moe=True, pipeline_microbatches=4)
+  assert_same_training(train_on_layout(config, params, batches(config, True)), want, params)
+
+
+def test_bubble_and_schedule():
+  assert pipeline.bubble_fraction(1, 8) == 0.0
+  assert pipeline.bubble_fraction(4, 4) == pytest.approx(3 / 7)  # GPipe: (S - 1) / (M + S - 1)
+  assert pipeline.bubble_fraction(4, 4, repeats=2) == pytest.approx(3 / 11)  # circular: (S - 1) / (R M + S - 1)
+  spec = pipeline.PipelineSpec(stages=2, microbatches=4, repeats=2)
+  assert spec.iterations == 9 and spec.bubble == pytest.approx(1 / 9)
+  # 8 units, 2 stages, 2 repeats: chunks of 2 units alternate between the stages.
+  assert pipeline.stage_of_units(spec, 8) == [(0, 0), (0, 0), (1, 0), (1, 0), (0, 1), (0, 1), (1, 1), (1, 1)]
+  units = jax.numpy.arange(8)
+  stage_major = pipeline.stage_major(units, spec)  # [stage, repeat, unit]
+  np.testing.assert_array_equal(stage_major.reshape(-1), [0, 1, 4, 5, 2, 3, 6, 7])
+  np.testing.assert_array_equal(pipeline.layer_major(stage_major), units)
+
+
+@pytest.mark.parametrize("mesh,model,train,message", [
+    (dict(stage=3), {"num_layers": 6}, {}, r"has 3 devices in all but 8"),
+    (dict(stage=8), {}, {"pipeline_microbatches": 8},
+     r"model.num_layers=4 is not divisible by mesh.stage=8 x train.pipeline_repeats=1"),
+    (dict(stage=2, data=4), {}, {"pipeline_microbatches": 2, "pipeline_repeats": 4},
+     r"model.num_layers=4 is not divisible by mesh.stage=2 x train.pipeline_repeats=4 = 8"),
+    (dict(stage=4, data=2), {}, {"pipeline_microbatches": 2},
+     r"train.pipeline_microbatches=2 is smaller than mesh.stage=4"),
+    (dict(stage=2, data=4), {}, {"pipeline_microbatches": 8},
+     r"16 rows per step .* train.pipeline_microbatches=8 do not give a multiple of the 4 batch shards"),
+    (dict(stage=2, data=4), {"scan_layers": False}, {"pipeline_microbatches": 2}, r"model.scan_layers=True"),
+    (dict(stage=2, data=4), {}, {"pipeline_repeats": 0}, r"train.pipeline_repeats=0: expected >= 1"),
+])
+def test_validation_names_the_config_key(mesh, model, train, message):
+  config = small_config(mesh, **train)
+  config.model.update(model)
+  with pytest.raises(MeshError, match=message):
+    build_experiment(config)
+
+
+def test_moe_units_are_groups_of_layers():
+  config = small_config(dict(stage=4, expert=2), moe=True, pipeline_microbatches=4)
+  with pytest.raises(MeshError, match=r"model.num_layers / model.moe_every=2 is not divisible by mesh.stage=4"):
+    build_experiment(config)
+
+
+def test_checkpoint_moves_between_pipeline_and_plain_meshes(tmp_path):
+  """Written on (stage=2, fsdp=2, tensor=2) with 2 repeats, read back exactly on one device; written there and read
+  back exactly on (stage=4, data=2): one logical layout ([layers, ...] in layer order) on every mesh."""
+  experiment = build_experiment(small_config(dict(stage=2, fsdp=2, tensor=2), pipeline_microbatches=2,
+                                             pipeline_repeats=2))
+  state = experiment.init_state()
+  # Distinct Adam moments, so that a mix-up between leaves, layers or shards cannot go unnoticed.
+  state = state.replace(opt_state=jax.tree.map(lambda x: x + 0.5 if jax.numpy.issubdtype(x.dtype, np.floating)
+                                               else x, state.opt_state))
+  host = jax.device_get(state)
+  plain = build_experiment(small_config(dict(data=1)), devices=jax.devices()[:1])
+  other_pipeline = build_experiment(small_config(dict(stage=4, data=2), pipeline_microbatches=4))
+  with CheckpointManager(str(tmp_path)) as manager:
+    manager.save(1, state, force=True)
+    restored = manager.restore(1, plain.layout).state
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get((restored.params, restored.opt_state)),
+                 (host.params, host.opt_state))
+    manager.save(2, restored, force=True)
+    back = manager.restore(2, other_pipeline.layout).state
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get((back.params, back.opt_state)),
+               (host.params, host.opt_state))
+  query_sharding = other_pipeline.layout.param_shardings["layers"]["attention"]["query"]
+  assert query_sharding.spec[0] == "stage"  # the restored layer stack is split over the stages
