@@ -94,3 +94,30 @@ def test_sharded_init_places_each_param_in_its_shards_and_report_totals():
   assert "layers/attention/query" in report and "('tensor', ('fsdp', 'expert'))" in report
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   assert f"total: {total:,} params" in report
+
+
+def test_mesh_is_node_major_and_inner_axes_stay_in_a_node():
+  """8 devices as 2 nodes of 4 (one process per GPU: topology.devices_per_node=4)."""
+  from tweetjax.parallel.mesh import axes_across_nodes, check_node_locality, node_report
+  mesh = make_mesh({"data": 2, "tensor": 4}, devices_per_node=4)
+  assert [d.id for d in mesh.devices[0].flat] == [0, 1, 2, 3]  # one node's devices form one tensor group
+  assert axes_across_nodes(mesh, 4) == {"data": 2, "tensor": 1}
+  assert check_node_locality(mesh, 4) == []
+  assert "tensor       4  inside one node" in node_report(mesh, 4)
+  mesh = make_mesh({"stage": 2, "context": 2, "tensor": 2}, devices_per_node=2)  # 4 nodes of 2
+  assert axes_across_nodes(mesh, 2) == {"stage": 2, "context": 2, "tensor": 1}
+  with pytest.raises(MeshError, match=r"mesh axis 'context' \(config.mesh.context=2\) spans 2 nodes.*"
+                                      r"\(context, tensor\) hold 4 devices but a node has 2"):
+    check_node_locality(mesh, 2)
+  problems = check_node_locality(mesh, 2, on_violation="warn")  # logged, not raised
+  assert len(problems) == 1 and "'context'" in problems[0]
+
+
+def test_tensor_across_nodes_is_refused_before_compiling():
+  config = tiny(data=2, tensor=4)
+  config.topology.devices_per_node = 2
+  with pytest.raises(MeshError, match=r"mesh axis 'tensor' \(config.mesh.tensor=4\) spans 2 nodes.*"
+                                      r"config.topology.cross_node='warn'"):
+    build_experiment(config)
+  config.topology.cross_node = "warn"
+  assert build_experiment(config).mesh.shape["tensor"] == 4

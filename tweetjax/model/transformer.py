@@ -148,12 +148,8 @@ class Transformer(nn.Module):
       y, _ = stage_stack.apply({"params": params}, x, positions, segment_ids)
       return y, {}
 
-    M = spec.microbatches
-    split = lambda a: pipeline_lib.split_microbatches(a, M)
-    x_MxBxLxD = constrain(split(x_BxLxD), (None, "act_batch", "act_length", "act_embed"))
-    y_MxBxLxD, stats = pipeline_lib.run(stage_fn, self.variables["params"]["layers"], x_MxBxLxD,
-                                        (split(positions_BxL), split(segment_ids_BxL)), spec)
+    y_BxLxD, stats = pipeline_lib.run(stage_fn, self.variables["params"]["layers"], x_BxLxD,
+                                      (positions_BxL, segment_ids_BxL), spec)
     if moe:  # same collection layout as the scan's: {"layers": {...: [units, microbatches]}}
       self.put_variable(MOE_STATS, "layers", stats)
-    y_BxLxD = pipeline_lib.merge_microbatches(y_MxBxLxD)
     return constrain(y_BxLxD, ("act_batch", "act_length", "act_embed"))

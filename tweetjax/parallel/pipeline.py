@@ -24,11 +24,13 @@ Statistics a layer sows (MoE router losses) come back per unit and microbatch, [
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -108,11 +110,55 @@ def _constrain_stage_dim(x: jax.Array) -> jax.Array:
 
 
 def stage_major(x_N: jax.Array, spec: PipelineSpec) -> jax.Array:
-  """[N, ...] in layer order -> [S, R, C, ...]: entry [s, r, c] is unit (r S + s) C + c."""
+  """[N, ...] in layer order -> [S, R, C, ...]: entry [s, r, c] is unit (r S + s) C + c.
+
+  R = 1: a local reshape. R > 1: each stage group sends every chunk of C units it holds to the stage that runs it
+  (`_move_chunks`); the partitioner's own answer to the reshape would gather the whole stack on every device.
+  """
   S, R = spec.stages, spec.repeats
   C = x_N.shape[0] // (S * R)
-  x_RxSxC = x_N.reshape(R, S, C, *x_N.shape[1:])
-  return _constrain_stage_dim(jnp.swapaxes(x_RxSxC, 0, 1))
+  axes = _stage_axes()
+  if R == 1 or len(axes) != 1 or jax.sharding.get_abstract_mesh().empty:
+    x_RxSxC = x_N.reshape(R, S, C, *x_N.shape[1:])
+    return _constrain_stage_dim(jnp.swapaxes(x_RxSxC, 0, 1))
+  move = jax.shard_map(functools.partial(_move_chunks, stages=S, repeats=R, axis=axes[0]),
+                       in_specs=P(axes[0]), out_specs=P(axes[0]), axis_names={axes[0]}, check_vma=False)
+  return move(x_N.reshape(S * R, C, *x_N.shape[1:])).reshape(S, R, C, *x_N.shape[1:])
+
+
+def chunk_moves(stages: int, repeats: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+  """Static plan of `_move_chunks`: for each ring offset d, per source stage the local chunks it sends to stage
+  (source + d) % S, and per destination stage the repeat slot each received chunk fills (R: padding, dropped).
+
+  Stage group s holds chunks s R .. s R + R - 1 in layer order; chunk c runs on stage c % S in repeat c // S.
+  """
+  S, R = stages, repeats
+  plan = []
+  for d in range(S):
+    sent = [[r for r in range(R) if (src * R + r) % S == (src + d) % S] for src in range(S)]
+    width = max(len(chunks) for chunks in sent)
+    if not width:
+      continue
+    send = np.zeros((S, width), np.int32)
+    slot = np.full((S, width), R, np.int32)
+    for src, chunks in enumerate(sent):
+      dst = (src + d) % S
+      send[src, :len(chunks)] = chunks
+      slot[dst, :len(chunks)] = [(src * R + r) // S for r in chunks]
+    plan.append((d, send, slot))
+  return plan
+
+
+def _move_chunks(local_RxC: jax.Array, *, stages: int, repeats: int, axis: str) -> jax.Array:
+  """One stage group's part of `stage_major`: its R chunks in layer order in, the R chunks it runs out."""
+  me = lax.axis_index(axis)
+  out_RxC = jnp.zeros_like(local_RxC)
+  for d, send, slot in chunk_moves(stages, repeats):
+    chunks = local_RxC[jnp.asarray(send)[me]]
+    if d:
+      chunks = lax.ppermute(chunks, axis, [(s, (s + d) % stages) for s in range(stages)])
+    out_RxC = out_RxC.at[jnp.asarray(slot)[me]].set(chunks, mode="drop")
+  return out_RxC
 
 
 def layer_major(x_SxR: jax.Array) -> jax.Array:
@@ -137,13 +183,37 @@ def _index(tree: Any, i: jax.Array) -> Any:
   return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
 
 
-def run(stage_fn: Callable[..., tuple[jax.Array, Any]], layer_params: Any, x_MxBxLxD: jax.Array,
-        per_microbatch: Sequence[jax.Array], spec: PipelineSpec) -> tuple[jax.Array, Any]:
-  """Runs the N units over the M microbatches on S stages; returns (y_MxBxLxD, stats [N, M, ...]).
+def inner_rules(rules, stage_axes: Sequence[str]):
+  """The rules inside the pipeline: the stage axes belong to the stage dimension of every buffer, so no activation
+  name may use them (outside, "act_batch" splits the embedding, LM head and loss rows over the stages too)."""
+  out = []
+  for name, axes in rules:
+    if name.startswith("act_") and name != "act_stage" and axes is not None:
+      kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a not in stage_axes)
+      axes = None if not kept else kept[0] if len(kept) == 1 else kept
+    out.append((name, axes))
+  return tuple(out)
 
-  stage_fn(params with leading [C], x_BxLxD, *per_microbatch slices [B, ...]) -> (y_BxLxD, stats with leading
-  [C]): one stage's C units on one microbatch. `layer_params` leaves are [N, ...] in layer order.
+
+def run(stage_fn: Callable[..., tuple[jax.Array, Any]], layer_params: Any, x_BxLxD: jax.Array,
+        per_row: Sequence[jax.Array], spec: PipelineSpec) -> tuple[jax.Array, Any]:
+  """Runs the N units over the batch in M microbatches on S stages; returns (y_BxLxD, stats [N, M, ...]).
+
+  stage_fn(params with leading [C], x_BxLxD, *per_row slices) -> (y_BxLxD, stats with leading [C]): one stage's
+  C units on one microbatch. `layer_params` leaves are [N, ...] in layer order; `per_row` arrays ([B, ...]:
+  positions, segment ids) are split into microbatches with the activations.
   """
+  outer = _rules()
+  with nn.logical_axis_rules(inner_rules(outer, _stage_axes())):
+    x_MxBxLxD = nn.with_logical_constraint(split_microbatches(x_BxLxD, spec.microbatches),
+                                           (None, "act_batch", "act_length", "act_embed"))
+    per_microbatch = [split_microbatches(a, spec.microbatches) for a in per_row]
+    y_MxBxLxD, stats = _run_microbatches(stage_fn, layer_params, x_MxBxLxD, per_microbatch, spec)
+    y_BxLxD = merge_microbatches(y_MxBxLxD)
+  return y_BxLxD, stats
+
+
+def _run_microbatches(stage_fn, layer_params, x_MxBxLxD, per_microbatch, spec):
   S, M, R = spec.stages, spec.microbatches, spec.repeats
   w_SxR = jax.tree.map(lambda p: stage_major(p, spec), layer_params)
   stage_ids_S = jnp.arange(S)

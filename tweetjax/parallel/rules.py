@@ -39,7 +39,9 @@ DEFAULT_RULES: Rules = (
     ("norm", None),
     ("experts", "expert"),
     # Activations.
-    ("act_batch", BATCH_AXES),
+    # Rows also split over `stage` outside the pipelined layers (embedding, LM head, loss: each stage group takes
+    # its share instead of repeating the whole batch); inside, the pipeline gives `stage` to its stage dimension.
+    ("act_batch", BATCH_AXES + ("stage",)),
     # Context parallelism: the sequence is split over `context` (ring attention, tweetjax/parallel/context.py).
     ("act_length", "context"),
     ("act_embed", None),

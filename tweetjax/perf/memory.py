@@ -5,12 +5,17 @@ are a model, per device and per microbatch, with b rows per batch shard, L token
 heads / mlp / vocab are split on, a = bytes of the compute dtype:
 
   saved per layer for the backward pass (what remat keeps):
-    full            x                                   b L D a (the layer input; everything else recomputed)
+    full            x                                   b L D a / e (the layer input, split e ways when
+                                                        act_embed is sharded; everything else recomputed)
     dots_no_batch   x + q, k, v + projections + gate/up b L (3 D + (H + 2K) Dh / t + 2 F / t) a
     dots            ... + attention weights             + b (H / t) L L a
     none            ... + fp32 norms, softmax, SwiGLU   + 2 b L D 4 + b (H / t) L L 4 + 2 b L F / t a
   transient (one layer's forward + backward):           3 b (H / t) L L 4 + 4 b L F / t 4 + 6 b L D 4
   logits and loss:                                      b L (V / t) (a + 4 + 4)  (logits, fp32 softmax, gradient)
+
+With a pipeline (S stages, R repeats, M microbatches, T = R M + S - 1 iterations) a layer runs on b / M rows, and
+each device saves its own N / (S R) units' residuals in every one of the T iterations (bubble iterations too):
+T / (S R) x the per-layer terms at b / M, plus the microbatch buffer, (M + 2) (b / M) L D a.
 
 Attention scores are counted as materialised (the 'xla' attention on CPU and what a non-fused kernel does); with
 cuDNN flash attention on GPU the L x L terms mostly vanish. A MoE layer's MLP uses k * capacity_factor * expert
@@ -78,18 +83,22 @@ def estimate(experiment, global_batch: int, microbatches: int) -> MemoryEstimate
   gradients = params + (4 * param_elems if microbatches > 1 else 0)
 
   batch_shards = axis_size(mesh, mesh_axes_of("act_batch", rules))
-  b = max(global_batch // microbatches // batch_shards, 1)
+  b_step = max(global_batch // microbatches // batch_shards, 1)
+  spec = getattr(experiment.model, "pipeline", None)
+  pipelined = spec is not None and spec.stages > 1
+  b = max(b_step // spec.microbatches, 1) if pipelined else b_step  # rows a layer runs on
   L, D, H, K, Dh, V = experiment.seq_len, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
   t_heads = axis_size(mesh, mesh_axes_of("act_heads", rules))
   t_mlp = axis_size(mesh, mesh_axes_of("act_mlp", rules))
   t_vocab = axis_size(mesh, mesh_axes_of("act_vocab", rules))
+  e_embed = axis_size(mesh, mesh_axes_of("act_embed", rules))
   a = np.dtype(cfg.dtype).itemsize
   saved, transient, saved_scores, transient_scores = 0, 0, 0, 0
   for layer in range(cfg.num_layers):
     F = cfg.mlp_dim
     if cfg.is_moe_layer(layer):
       F = int(cfg.experts_per_token * max(cfg.capacity_factor, 1.0) * cfg.moe_mlp_dim)
-    x = b * L * D * a
+    x = b * L * D * a // e_embed
     dots_no_batch = x + b * L * (3 * D + (H + 2 * K) * Dh // t_heads + 2 * F // t_mlp) * a
     scores = b * (H // t_heads) * L * L
     per_policy = {
@@ -102,5 +111,8 @@ def estimate(experiment, global_batch: int, microbatches: int) -> MemoryEstimate
     saved_scores += {"full": 0, "dots_no_batch": 0, "dots": scores * a, "none": scores * (a + 4)}[cfg.remat_policy]
     transient = max(transient, 3 * scores * 4 + 4 * b * L * F // t_mlp * 4 + 6 * b * L * D * 4)
     transient_scores = 3 * scores * 4
-  logits = b * L * (V // t_vocab) * (a + 8)
+  if pipelined:
+    saved = saved * spec.iterations // (spec.stages * spec.repeats) + (spec.microbatches + 2) * b * L * D * a
+    saved_scores = saved_scores * spec.iterations // (spec.stages * spec.repeats)
+  logits = b_step * L * (V // t_vocab) * (a + 8)
   return MemoryEstimate(params, optimizer, gradients, saved, transient, logits, saved_scores + transient_scores)

@@ -79,8 +79,10 @@ def pipeline_spec(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules,
   units = pipeline_lib.num_units_of(c.num_layers, c.moe_every, c.num_experts)
   units_name = ("model.num_layers / model.moe_every" if units != c.num_layers else "model.num_layers")
   rows = int(config.data.global_batch_size) // int(config.train.microbatches)
-  pipeline_lib.validate(spec, units, rows, axis_size(mesh, mesh_axes_of("act_batch", rules)),
-                        units_name=units_name, scan_layers=c.scan_layers)
+  stage_axes = mesh_axes_of("layers", rules)
+  inner_batch_axes = [a for a in mesh_axes_of("act_batch", rules) if a not in stage_axes]
+  pipeline_lib.validate(spec, units, rows, axis_size(mesh, inner_batch_axes), units_name=units_name,
+                        scan_layers=c.scan_layers)
   return spec
 
 
@@ -96,8 +98,9 @@ def build_experiment(config: ml_collections.ConfigDict, devices: Sequence[jax.De
   check_node_locality(mesh, per_node, str((config.get("topology") or {}).get("cross_node", "error")))
   rules = normalize_rules(config.logical_axis_rules)
   model_config = ModelConfig.from_config(config.model)
+  spec = pipeline_spec(config, mesh, rules, model_config)
   validate_batch(config, mesh, rules)
-  model = Transformer(model_config, pipeline=pipeline_spec(config, mesh, rules, model_config))
+  model = Transformer(model_config, pipeline=spec)
   tx, schedule = make_optimizer(config.optimizer, int(config.train.steps))
   layout = state_layout(model, tx, mesh, rules, int(config.data.seq_len))
   validate_params(layout.abstract_boxed_params, mesh, rules)
