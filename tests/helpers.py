@@ -89,3 +89,18 @@ def assert_same_training(got, want, init_params, rtol=EQUIVALENCE_RTOL, param_rt
   assert max(jax.tree.leaves(param_errors)) < param_rtol, param_errors
   moved = relative_errors(params, init_params)
   assert min(jax.tree.leaves(moved)) > 1e-4, moved
+
+
+def small_config(mesh=None, moe=False, **train):
+  """4 layers of d_model 32, 16 rows of 32 tokens: compiles in seconds on 8 fake devices."""
+  config = load_config("tiny")
+  config.mesh.update({axis: 1 for axis in config.mesh.keys()})
+  config.mesh.update(mesh or {})
+  config.model.update(vocab_size=256, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+                      mlp_dim=64, dtype="float32")
+  if moe:  # capacity E / K: nothing is ever dropped, whatever the capacity groups
+    config.model.update(num_experts=4, experts_per_token=2, moe_every=2, expert_mlp_dim=32, capacity_factor=2.0)
+  config.data.update(seq_len=32, global_batch_size=16)
+  config.optimizer.update(warmup_steps=0, eps=1e-6, learning_rate=3e-3)
+  config.train.update(train)
+  return config

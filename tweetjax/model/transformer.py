@@ -31,11 +31,12 @@ class Block(nn.Module):
   use_moe: bool = False  # mixture-of-experts MLP (param "moe") instead of the dense one ("mlp")
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array):
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
+               token_index_BxL: jax.Array | None = None):
     cfg = self.cfg
     sandwich = cfg.norm_style == "sandwich"
     h = RMSNorm(cfg, name="attention_norm")(x_BxLxD)
-    h = Attention(cfg, name="attention")(h, positions_BxL, segment_ids_BxL)
+    h = Attention(cfg, name="attention")(h, positions_BxL, segment_ids_BxL, token_index_BxL)
     if sandwich:
       h = RMSNorm(cfg, name="attention_post_norm")(h)
     x_BxLxD = x_BxLxD + h
@@ -60,10 +61,12 @@ class BlockGroup(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array):
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
+               token_index_BxL: jax.Array | None = None):
     block, k = _block_class(self.cfg), self.cfg.moe_every
     for i in range(k):
-      x_BxLxD, _ = block(self.cfg, use_moe=i == k - 1, name=f"block_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL)
+      x_BxLxD, _ = block(self.cfg, use_moe=i == k - 1, name=f"block_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL,
+                                                                          token_index_BxL)
     return x_BxLxD, None
 
 
@@ -76,7 +79,7 @@ def _scan_unit(cfg: ModelConfig, block):
 
 def _scanned(cfg: ModelConfig, unit, length: int):
   return nn.scan(unit, variable_axes={"params": 0, "cache": 0, MOE_STATS: 0}, split_rngs={"params": True},
-                 in_axes=(nn.broadcast, nn.broadcast), length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=length, metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 class Transformer(nn.Module):
@@ -85,28 +88,36 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_BxL: jax.Array, positions_BxL: jax.Array | None = None,
-               segment_ids_BxL: jax.Array | None = None, *, return_hidden: bool = False):
-    """Returns logits_BxLxV (and the final-norm hidden states when `return_hidden`)."""
+               segment_ids_BxL: jax.Array | None = None, *, return_hidden: bool = False,
+               token_index_BxL: jax.Array | None = None):
+    """Returns logits_BxLxV (and the final-norm hidden states when `return_hidden`).
+
+    token_index_BxL: the original index of every slot when the rows were reordered for the load-balanced context
+    split (tweetjax/parallel/context.py); attention's causality follows it. None: the natural order.
+    """
     cfg = self.cfg
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(inputs_BxL.shape[1]), inputs_BxL.shape)
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones_like(inputs_BxL)
+    if token_index_BxL is None:
+      token_index_BxL = jnp.broadcast_to(jnp.arange(inputs_BxL.shape[1], dtype=jnp.int32), inputs_BxL.shape)
 
     embed = Embed(cfg, name="embed")
     x_BxLxD = embed(inputs_BxL)
     block = _block_class(cfg)
     if cfg.scan_layers:
       unit, unit_kwargs, length = _scan_unit(cfg, block)
+      per_token = (positions_BxL, segment_ids_BxL, token_index_BxL)
       if self._pipelined(inputs_BxL.shape[0]):
-        x_BxLxD = self._pipeline_layers(unit, unit_kwargs, length, x_BxLxD, positions_BxL, segment_ids_BxL)
+        x_BxLxD = self._pipeline_layers(unit, unit_kwargs, length, x_BxLxD, per_token)
       else:
         layers = _scanned(cfg, unit, length)
-        x_BxLxD, _ = layers(cfg, **unit_kwargs, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL)
+        x_BxLxD, _ = layers(cfg, **unit_kwargs, name="layers")(x_BxLxD, *per_token)
     else:
       for i in range(cfg.num_layers):
         x_BxLxD, _ = block(cfg, use_moe=cfg.is_moe_layer(i), name=f"layers_{i}")(x_BxLxD, positions_BxL,
-                                                                                  segment_ids_BxL)
+                                                                                  segment_ids_BxL, token_index_BxL)
     hidden_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
 
     if cfg.tie_embeddings:
@@ -135,21 +146,20 @@ class Transformer(nn.Module):
     return (spec is not None and spec.stages > 1 and not self.is_initializing()
             and not self.is_mutable_collection("cache") and batch % spec.microbatches == 0)
 
-  def _pipeline_layers(self, unit, unit_kwargs, length, x_BxLxD, positions_BxL, segment_ids_BxL):
+  def _pipeline_layers(self, unit, unit_kwargs, length, x_BxLxD, per_token):
     """The scanned stack through the pipeline: each stage applies its units of the same "layers" params."""
     cfg, spec = self.cfg, self.pipeline
     stage_stack = _scanned(cfg, unit, length // (spec.stages * spec.repeats))(cfg, **unit_kwargs, parent=None)
     moe = cfg.num_experts > 0
 
-    def stage_fn(params, x, positions, segment_ids):
+    def stage_fn(params, x, *per_token):
       if moe:
-        (y, _), variables = stage_stack.apply({"params": params}, x, positions, segment_ids, mutable=[MOE_STATS])
+        (y, _), variables = stage_stack.apply({"params": params}, x, *per_token, mutable=[MOE_STATS])
         return y, variables[MOE_STATS]
-      y, _ = stage_stack.apply({"params": params}, x, positions, segment_ids)
+      y, _ = stage_stack.apply({"params": params}, x, *per_token)
       return y, {}
 
-    y_BxLxD, stats = pipeline_lib.run(stage_fn, self.variables["params"]["layers"], x_BxLxD,
-                                      (positions_BxL, segment_ids_BxL), spec)
+    y_BxLxD, stats = pipeline_lib.run(stage_fn, self.variables["params"]["layers"], x_BxLxD, per_token, spec)
     if moe:  # same collection layout as the scan's: {"layers": {...: [units, microbatches]}}
       self.put_variable(MOE_STATS, "layers", stats)
     return constrain(y_BxLxD, ("act_batch", "act_length", "act_embed"))

@@ -32,11 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from tweetjax.parallel.mesh import MeshError
 from tweetjax.parallel.rules import DEFAULT_RULES, mesh_axes_of
 
+_STAGE_WEIGHTS = "pipeline_stage_weights"
 # Logical names of the [S, B, L, D] stage buffers (the "act_stage" rule maps the stage dimension).
 STAGE_ACTIVATION_AXES = ("act_stage", "act_batch", "act_length", "act_embed")
 
@@ -225,8 +227,17 @@ def _run_microbatches(stage_fn, layer_params, x_MxBxLxD, per_microbatch, spec):
                                w_SxR, x_MxBxLxD[0], *per_microbatch)
   acc0 = jax.tree.map(lambda s: jnp.zeros((S, R, s.shape[0], M, *s.shape[1:]), s.dtype), stats_shape)
 
+  def apply_stage(w_RxC, repeat, x_BxLxD, *extras):
+    w_C = jax.tree.map(lambda w: checkpoint_name(w, _STAGE_WEIGHTS), _index(w_RxC, repeat))
+    return stage_fn(w_C, x_BxLxD, *extras)
+
+  # The backward pass re-slices this iteration's weights from the loop-invariant stack instead of keeping a copy
+  # per iteration (T x the stage's weights); everything else follows the layers' own remat policy.
+  apply_stage = jax.checkpoint(apply_stage, policy=jax.checkpoint_policies.save_anything_except_these_names(
+      _STAGE_WEIGHTS))
+
   def one_stage(w_RxC, repeat, microbatch, valid, x_BxLxD, acc_RxCxM):
-    y_BxLxD, stats_C = stage_fn(_index(w_RxC, repeat), x_BxLxD, *_index(per_microbatch, microbatch))
+    y_BxLxD, stats_C = apply_stage(w_RxC, repeat, x_BxLxD, *_index(per_microbatch, microbatch))
 
     def record(acc, value):
       old = acc[repeat, :, microbatch]

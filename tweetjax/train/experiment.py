@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.transformer import Transformer
+from tweetjax.parallel import context as context_lib
 from tweetjax.parallel import pipeline as pipeline_lib
 from tweetjax.parallel.mesh import MeshError, check_node_locality, default_devices_per_node, make_mesh
 from tweetjax.parallel.report import sharding_report
@@ -100,6 +101,7 @@ def build_experiment(config: ml_collections.ConfigDict, devices: Sequence[jax.De
   model_config = ModelConfig.from_config(config.model)
   spec = pipeline_spec(config, mesh, rules, model_config)
   validate_batch(config, mesh, rules)
+  context_lib.validate(int(config.data.seq_len), context_lib.context_shards(mesh, rules))
   model = Transformer(model_config, pipeline=spec)
   tx, schedule = make_optimizer(config.optimizer, int(config.train.steps))
   layout = state_layout(model, tx, mesh, rules, int(config.data.seq_len))

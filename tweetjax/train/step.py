@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from tweetjax.model import moe
+from tweetjax.parallel.context import context_shards, load_balance
 from tweetjax.parallel.rules import Rules, batch_sharding, mesh_context, replicated
 from tweetjax.parallel.shard_map_ops import vocab_parallel_cross_entropy
 from tweetjax.train.state import StateLayout, TrainState
@@ -35,11 +36,15 @@ class LossFn:
 
   def __call__(self, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     cfg = self.model.cfg
+    shards = context_shards(self.mesh, self.rules)
+    if shards > 1:  # the sequence is split over `context`: every shard gets an early and a late chunk
+      batch = load_balance(batch, shards)
     inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    kwargs = {"token_index_BxL": batch["token_index"]} if "token_index" in batch else {}
     if cfg.num_experts:  # MoE layers sow router losses and load statistics
-      logits_BxLxV, variables = self.model.apply({"params": params}, *inputs, mutable=[moe.MOE_STATS])
+      logits_BxLxV, variables = self.model.apply({"params": params}, *inputs, mutable=[moe.MOE_STATS], **kwargs)
     else:
-      logits_BxLxV = self.model.apply({"params": params}, *inputs)
+      logits_BxLxV = self.model.apply({"params": params}, *inputs, **kwargs)
     loss_BxL, log_z_BxL = vocab_parallel_cross_entropy(logits_BxLxV, batch["targets"], self.mesh, self.rules)
     weights_BxL = batch["weights"].astype(jnp.float32)
     ce_sum = jnp.sum(loss_BxL * weights_BxL)
