@@ -37,12 +37,18 @@ def test_bubble_and_schedule():
     (dict(stage=2, data=4), {}, {"pipeline_microbatches": 8},
      r"16 rows per step .* train.pipeline_microbatches=8 do not give a multiple of the 4 batch shards"),
     (dict(stage=2, data=4), {"scan_layers": False}, {"pipeline_microbatches": 2}, r"model.scan_layers=True"),
-    (dict(stage=2, data=4), {}, {"pipeline_repeats": 0}, r"train.pipeline_repeats=0: expected >= 1"),
 ])
 def test_validation_names_the_config_key(mesh, model, train, message):
   config = small_config(mesh, **train)
   config.model.update(model)
   with pytest.raises(MeshError, match=message):
+    build_experiment(config)
+
+
+def test_bad_pipeline_keys_are_config_errors():
+  config = small_config(dict(stage=2, data=4), pipeline_microbatches=0, pipeline_repeats=0)
+  with pytest.raises(ValueError, match=r"2 invalid config values:\n  config.train.pipeline_microbatches=0: expected a "
+                                      r"positive integer\n  config.train.pipeline_repeats=0: expected a positive"):
     build_experiment(config)
 
 

@@ -13,20 +13,22 @@ heads / mlp / vocab are split on, a = bytes of the compute dtype:
   transient (one layer's forward + backward):           3 b (H / t) L L 4 + 4 b L F / t 4 + 6 b L D 4
   logits and loss:                                      b L (V / t) (a + 4 + 4)  (logits, fp32 softmax, gradient)
 
-With a pipeline (S stages, R repeats, M microbatches, T = R M + S - 1 iterations) a layer runs on b / M rows, and
-each device saves its own N / (S R) units' residuals in every one of the T iterations (bubble iterations too):
-T / (S R) x the per-layer terms at b / M, plus the microbatch buffer, (M + 2) (b / M) L D a.
-
 Attention scores are counted as materialised (the 'xla' attention on CPU and what a non-fused kernel does); with
 cuDNN flash attention on GPU the L x L terms mostly vanish. A MoE layer's MLP uses k * capacity_factor * expert
 width in place of F.
+
+With a pipeline (S stages, R repeats, M microbatches, T = R M + S - 1 iterations) a layer runs on b / M rows, and
+each device saves its own N / (S R) units' residuals in every one of the T iterations (bubble iterations too):
+T / (S R) x the per-layer terms at b / M, plus the microbatch buffer, (M + 2) (b / M) L D a. With the sequence
+split c ways over `context`, L above is the device's L / c tokens; ring attention then holds one chunk pair's
+scores at a time, b (H / t) (L / 2c)^2, in place of the L x L terms.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -74,6 +76,49 @@ class MemoryEstimate:
     return d
 
 
+@dataclasses.dataclass(frozen=True)
+class Activations:
+  saved: int  # all layers' saved activations of one microbatch
+  transient: int  # the largest layer's forward + backward working set
+  logits: int
+  saved_scores: int  # the L x L part of `saved`
+  transient_scores: int  # the L x L part of `transient`
+
+
+def activations(cfg, b: int, L: int, t_heads: int, t_mlp: int, t_vocab: int, remat: str, dtype_bytes: int,
+                layers: Sequence[int] | None = None, e_embed: int = 1,
+                score_block: tuple[int, int] | None = None) -> Activations:
+  """The activation model of the module docstring for b rows of L tokens per device (layers: default all).
+
+  `cfg` is a ModelConfig or anything with its shape fields, is_moe_layer() and moe_mlp_dim. e_embed: the shards
+  of the residual stream's d_model ("act_embed"). score_block: (queries, keys) of one materialised score block
+  (default (L, L); ring attention: two chunks, (L / 2, L / 2); gathered K/V: (L, the whole sequence)).
+  """
+  score_q, score_k = (L, L) if score_block is None else score_block
+  D, H, K, Dh, V = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+  a = dtype_bytes
+  saved, transient, saved_scores, transient_scores = 0, 0, 0, 0
+  for layer in range(cfg.num_layers) if layers is None else layers:
+    F = cfg.mlp_dim
+    if cfg.is_moe_layer(layer):
+      F = int(cfg.experts_per_token * max(cfg.capacity_factor, 1.0) * cfg.moe_mlp_dim)
+    x = b * L * D * a // e_embed
+    dots_no_batch = x + b * L * (3 * D + (H + 2 * K) * Dh // t_heads + 2 * F // t_mlp) * a
+    scores = b * (H // t_heads) * score_q * score_k
+    per_policy = {
+        "full": x,
+        "dots_no_batch": dots_no_batch,
+        "dots": dots_no_batch + scores * a,
+        "none": dots_no_batch + scores * a + 2 * b * L * D * 4 + scores * 4 + 2 * b * L * F // t_mlp * a,
+    }
+    saved += per_policy[remat]
+    saved_scores += {"full": 0, "dots_no_batch": 0, "dots": scores * a, "none": scores * (a + 4)}[remat]
+    transient = max(transient, 3 * scores * 4 + 4 * b * L * F // t_mlp * 4 + 6 * b * L * D * 4)
+    transient_scores = 3 * scores * 4
+  logits = b * L * (V // t_vocab) * (a + 8)
+  return Activations(saved, transient, logits, saved_scores, transient_scores)
+
+
 def estimate(experiment, global_batch: int, microbatches: int) -> MemoryEstimate:
   cfg = experiment.model_config
   mesh, rules, layout = experiment.mesh, experiment.rules, experiment.layout
@@ -82,37 +127,21 @@ def estimate(experiment, global_batch: int, microbatches: int) -> MemoryEstimate
   param_elems = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(layout.abstract_state.params))
   gradients = params + (4 * param_elems if microbatches > 1 else 0)
 
-  batch_shards = axis_size(mesh, mesh_axes_of("act_batch", rules))
-  b_step = max(global_batch // microbatches // batch_shards, 1)
+  size = lambda name: axis_size(mesh, mesh_axes_of(name, rules))
+  b_step = max(global_batch // microbatches // size("act_batch"), 1)  # rows per device of the step's microbatch
   spec = getattr(experiment.model, "pipeline", None)
   pipelined = spec is not None and spec.stages > 1
-  b = max(b_step // spec.microbatches, 1) if pipelined else b_step  # rows a layer runs on
-  L, D, H, K, Dh, V = experiment.seq_len, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-  t_heads = axis_size(mesh, mesh_axes_of("act_heads", rules))
-  t_mlp = axis_size(mesh, mesh_axes_of("act_mlp", rules))
-  t_vocab = axis_size(mesh, mesh_axes_of("act_vocab", rules))
-  e_embed = axis_size(mesh, mesh_axes_of("act_embed", rules))
-  a = np.dtype(cfg.dtype).itemsize
-  saved, transient, saved_scores, transient_scores = 0, 0, 0, 0
-  for layer in range(cfg.num_layers):
-    F = cfg.mlp_dim
-    if cfg.is_moe_layer(layer):
-      F = int(cfg.experts_per_token * max(cfg.capacity_factor, 1.0) * cfg.moe_mlp_dim)
-    x = b * L * D * a // e_embed
-    dots_no_batch = x + b * L * (3 * D + (H + 2 * K) * Dh // t_heads + 2 * F // t_mlp) * a
-    scores = b * (H // t_heads) * L * L
-    per_policy = {
-        "full": x,
-        "dots_no_batch": dots_no_batch,
-        "dots": dots_no_batch + scores * a,
-        "none": dots_no_batch + scores * a + 2 * b * L * D * 4 + scores * 4 + 2 * b * L * F // t_mlp * a,
-    }
-    saved += per_policy[cfg.remat_policy]
-    saved_scores += {"full": 0, "dots_no_batch": 0, "dots": scores * a, "none": scores * (a + 4)}[cfg.remat_policy]
-    transient = max(transient, 3 * scores * 4 + 4 * b * L * F // t_mlp * 4 + 6 * b * L * D * 4)
-    transient_scores = 3 * scores * 4
+  b = max(b_step * spec.stages // spec.microbatches, 1) if pipelined else b_step  # rows a layer runs on
+  c = size("act_length")
+  L = experiment.seq_len // c
+  ring = c > 1 and cfg.context_attention == "ring"
+  act = activations(cfg, b, L, size("act_heads"), size("act_mlp"), size("act_vocab"), cfg.remat_policy,
+                    np.dtype(cfg.dtype).itemsize, e_embed=size("act_embed"),
+                    score_block=(L // 2, L // 2) if ring else (L, experiment.seq_len))
+  saved, saved_scores = act.saved, act.saved_scores
   if pipelined:
-    saved = saved * spec.iterations // (spec.stages * spec.repeats) + (spec.microbatches + 2) * b * L * D * a
+    saved = saved * spec.iterations // (spec.stages * spec.repeats) + (spec.microbatches + 2) * b * L * cfg.d_model * \
+        np.dtype(cfg.dtype).itemsize
     saved_scores = saved_scores * spec.iterations // (spec.stages * spec.repeats)
-  logits = b_step * L * (V // t_vocab) * (a + 8)
-  return MemoryEstimate(params, optimizer, gradients, saved, transient, logits, saved_scores + transient_scores)
+  logits = b_step * L * (cfg.vocab_size // size("act_vocab")) * (np.dtype(cfg.dtype).itemsize + 8)
+  return MemoryEstimate(params, optimizer, gradients, saved, act.transient, logits, saved_scores + act.transient_scores)

@@ -14,6 +14,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from tweetjax.config_check import check_config
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.transformer import Transformer
 from tweetjax.parallel import context as context_lib
@@ -94,6 +95,7 @@ def topology_devices_per_node(config: ml_collections.ConfigDict) -> int:
 
 def build_experiment(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
                      mesh: Mesh | None = None) -> Experiment:
+  check_config(config)  # every key's value, all bad keys in one error, before any device or compile
   per_node = topology_devices_per_node(config)
   mesh = make_mesh(config.mesh, devices, devices_per_node=per_node) if mesh is None else mesh
   check_node_locality(mesh, per_node, str((config.get("topology") or {}).get("cross_node", "error")))
