@@ -44,7 +44,7 @@ def test_mesh_errors(sizes, message):
      r"'mlp' \(model.mlp_dim or model.expert_mlp_dim\) of size 255 is not divisible"),
     (dict(tensor=2, data=4), {"vocab_size": 1001}, r"'vocab' \(model.vocab_size\) of size 1001 is not divisible"),
     (dict(fsdp=8), {"d_model": 60, "num_heads": 4, "num_kv_heads": 4},
-     r"'embed' \(model.d_model\) of size 60 is not divisible by mesh axes \['fsdp', 'expert'\]"),
+     r"'embed' \(model.d_model\) of size 60 is not divisible by mesh axes \['fsdp', 'expert', 'context'\]"),
 ])
 def test_divisibility_errors_name_the_dimension(mesh, model, message):
   config = tiny(**mesh)
@@ -82,16 +82,16 @@ def test_unknown_logical_axis_and_unknown_mesh_axis_in_rules():
 def test_sharded_init_places_each_param_in_its_shards_and_report_totals():
   experiment = build_experiment(tiny(data=2, fsdp=2, tensor=2))
   state = experiment.init_state()
-  embedding = state.params["embed"]["embedding"]  # [V, D] = [1024, 64] on ("tensor", ("fsdp", "expert"))
-  assert embedding.sharding.spec == jax.sharding.PartitionSpec("tensor", ("fsdp", "expert"))
+  embedding = state.params["embed"]["embedding"]  # [V, D] = [1024, 64] on ("tensor", ("fsdp", "expert", "context"))
+  assert embedding.sharding.spec == jax.sharding.PartitionSpec("tensor", ("fsdp", "expert", "context"))
   assert {s.data.shape for s in embedding.addressable_shards} == {(512, 32)}
-  query = state.params["layers"]["attention"]["query"]  # [N, D, H, Dh] on (None, fsdp, tensor, None)
+  query = state.params["layers"]["attention"]["query"]  # [N, D, H, Dh] on (stage, fsdp, tensor, None)
   assert {s.data.shape for s in query.addressable_shards} == {(2, 32, 4, 16)}
   # Adam moments follow their params.
   mu = state.opt_state[1][0].mu["layers"]["attention"]["query"]
   assert mu.sharding == query.sharding
   report = experiment.sharding_report()
-  assert "layers/attention/query" in report and "('tensor', ('fsdp', 'expert'))" in report
+  assert "layers/attention/query" in report and "('tensor', ('fsdp', 'expert', 'context'))" in report
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   assert f"total: {total:,} params" in report
 

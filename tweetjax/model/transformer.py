@@ -11,12 +11,17 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from tweetjax.model.attention import Attention
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.layers import MLP, Embed, RMSNorm, constrain, kernel_init, logical_param
 from tweetjax.model.moe import MOE_STATS, MoE
 from tweetjax.parallel import pipeline as pipeline_lib
+
+# Checkpoint name of every layer's input: what any remat keeps at the least (the pipeline's per-iteration remat
+# saves it by this name).
+LAYER_INPUT = "layer_input"
 
 _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -34,6 +39,7 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
                token_index_BxL: jax.Array | None = None):
     cfg = self.cfg
+    x_BxLxD = checkpoint_name(x_BxLxD, LAYER_INPUT)
     sandwich = cfg.norm_style == "sandwich"
     h = RMSNorm(cfg, name="attention_norm")(x_BxLxD)
     h = Attention(cfg, name="attention")(h, positions_BxL, segment_ids_BxL, token_index_BxL)
@@ -48,11 +54,17 @@ class Block(nn.Module):
     return x_BxLxD, None
 
 
-def _block_class(cfg: ModelConfig):
+def _remat_policy(cfg: ModelConfig, pipelined: bool):
+  if pipelined and cfg.remat_policy == "dots_no_batch":
+    return pipeline_lib.dots_without_batch_dims_but_the_stage  # inside the pipeline's vmap over stages
+  return _REMAT_POLICIES.get(cfg.remat_policy)
+
+
+def _block_class(cfg: ModelConfig, pipelined: bool = False):
   if cfg.remat_policy == "none":
     return Block
   # prevent_cse only matters outside scan; inside it would block useful optimisations.
-  return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+  return nn.remat(Block, policy=_remat_policy(cfg, pipelined), prevent_cse=not cfg.scan_layers)
 
 
 class BlockGroup(nn.Module):
@@ -63,17 +75,17 @@ class BlockGroup(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
                token_index_BxL: jax.Array | None = None):
-    block, k = _block_class(self.cfg), self.cfg.moe_every
+    block, k = _block_class(self.cfg, self.pipelined), self.cfg.moe_every
     for i in range(k):
       x_BxLxD, _ = block(self.cfg, use_moe=i == k - 1, name=f"block_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL,
                                                                           token_index_BxL)
     return x_BxLxD, None
 
 
-def _scan_unit(cfg: ModelConfig, block):
+def _scan_unit(cfg: ModelConfig, block, pipelined: bool = False):
   """(module class, its constructor kwargs, scan length): one layer, or a BlockGroup of moe_every layers."""
   if cfg.num_experts and cfg.moe_every > 1:
-    return BlockGroup, {}, cfg.num_layers // cfg.moe_every
+    return BlockGroup, {"pipelined": pipelined}, cfg.num_layers // cfg.moe_every
   return block, {"use_moe": cfg.num_experts > 0}, cfg.num_layers
 
 
@@ -105,11 +117,12 @@ class Transformer(nn.Module):
 
     embed = Embed(cfg, name="embed")
     x_BxLxD = embed(inputs_BxL)
-    block = _block_class(cfg)
+    pipelined = cfg.scan_layers and self._pipelined(inputs_BxL.shape[0])
+    block = _block_class(cfg, pipelined)
     if cfg.scan_layers:
-      unit, unit_kwargs, length = _scan_unit(cfg, block)
+      unit, unit_kwargs, length = _scan_unit(cfg, block, pipelined)
       per_token = (positions_BxL, segment_ids_BxL, token_index_BxL)
-      if self._pipelined(inputs_BxL.shape[0]):
+      if pipelined:
         x_BxLxD = self._pipeline_layers(unit, unit_kwargs, length, x_BxLxD, per_token)
       else:
         layers = _scanned(cfg, unit, length)
@@ -159,7 +172,8 @@ class Transformer(nn.Module):
       y, _ = stage_stack.apply({"params": params}, x, *per_token)
       return y, {}
 
-    y_BxLxD, stats = pipeline_lib.run(stage_fn, self.variables["params"]["layers"], x_BxLxD, per_token, spec)
+    y_BxLxD, stats = pipeline_lib.run(stage_fn, self.variables["params"]["layers"], x_BxLxD, per_token, spec,
+                                      remat_policy=_remat_policy(cfg, True), saved_names=(LAYER_INPUT,))
     if moe:  # same collection layout as the scan's: {"layers": {...: [units, microbatches]}}
       self.put_variable(MOE_STATS, "layers", stats)
     return constrain(y_BxLxD, ("act_batch", "act_length", "act_embed"))

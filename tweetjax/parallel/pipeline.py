@@ -32,13 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from tweetjax.parallel.mesh import MeshError
 from tweetjax.parallel.rules import DEFAULT_RULES, mesh_axes_of
 
-_STAGE_WEIGHTS = "pipeline_stage_weights"
 # Logical names of the [S, B, L, D] stage buffers (the "act_stage" rule maps the stage dimension).
 STAGE_ACTIVATION_AXES = ("act_stage", "act_batch", "act_length", "act_embed")
 
@@ -92,6 +90,15 @@ def validate(spec: PipelineSpec, num_units: int, rows: int, batch_shards: int, *
         f"{rows} rows per step (data.global_batch_size / train.microbatches) split into "
         f"train.pipeline_microbatches={M} do not give a multiple of the {batch_shards} batch shards per pipeline "
         "microbatch; change data.global_batch_size, train.microbatches or train.pipeline_microbatches")
+
+
+def dots_without_batch_dims_but_the_stage(prim, *_, **params) -> bool:
+  """checkpoint_dots_with_no_batch_dims for layers under the vmap over stages, which gives every matmul the stage
+  as a batch dimension: keep the matmul outputs with no other batch dimension (projections, MLP; not attention)."""
+  if str(prim) != "dot_general":
+    return False
+  (_, _), (lhs_batch, rhs_batch) = params["dimension_numbers"]
+  return len(lhs_batch) <= 1 and len(rhs_batch) <= 1
 
 
 def _rules():
@@ -198,24 +205,28 @@ def inner_rules(rules, stage_axes: Sequence[str]):
 
 
 def run(stage_fn: Callable[..., tuple[jax.Array, Any]], layer_params: Any, x_BxLxD: jax.Array,
-        per_row: Sequence[jax.Array], spec: PipelineSpec) -> tuple[jax.Array, Any]:
+        per_row: Sequence[jax.Array], spec: PipelineSpec, *, remat_policy: Callable | None = None,
+        saved_names: Sequence[str] = ()) -> tuple[jax.Array, Any]:
   """Runs the N units over the batch in M microbatches on S stages; returns (y_BxLxD, stats [N, M, ...]).
 
   stage_fn(params with leading [C], x_BxLxD, *per_row slices) -> (y_BxLxD, stats with leading [C]): one stage's
   C units on one microbatch. `layer_params` leaves are [N, ...] in layer order; `per_row` arrays ([B, ...]:
-  positions, segment ids) are split into microbatches with the activations.
+  positions, segment ids) are split into microbatches with the activations. remat_policy: the layers' own
+  checkpoint policy (None: no remat) and saved_names the checkpoint names of their inputs, which every
+  iteration keeps for the backward pass.
   """
   outer = _rules()
   with nn.logical_axis_rules(inner_rules(outer, _stage_axes())):
     x_MxBxLxD = nn.with_logical_constraint(split_microbatches(x_BxLxD, spec.microbatches),
                                            (None, "act_batch", "act_length", "act_embed"))
     per_microbatch = [split_microbatches(a, spec.microbatches) for a in per_row]
-    y_MxBxLxD, stats = _run_microbatches(stage_fn, layer_params, x_MxBxLxD, per_microbatch, spec)
+    y_MxBxLxD, stats = _run_microbatches(stage_fn, layer_params, x_MxBxLxD, per_microbatch, spec, remat_policy,
+                                         saved_names)
     y_BxLxD = merge_microbatches(y_MxBxLxD)
   return y_BxLxD, stats
 
 
-def _run_microbatches(stage_fn, layer_params, x_MxBxLxD, per_microbatch, spec):
+def _run_microbatches(stage_fn, layer_params, x_MxBxLxD, per_microbatch, spec, remat_policy, saved_names):
   S, M, R = spec.stages, spec.microbatches, spec.repeats
   w_SxR = jax.tree.map(lambda p: stage_major(p, spec), layer_params)
   stage_ids_S = jnp.arange(S)
@@ -228,13 +239,17 @@ def _run_microbatches(stage_fn, layer_params, x_MxBxLxD, per_microbatch, spec):
   acc0 = jax.tree.map(lambda s: jnp.zeros((S, R, s.shape[0], M, *s.shape[1:]), s.dtype), stats_shape)
 
   def apply_stage(w_RxC, repeat, x_BxLxD, *extras):
-    w_C = jax.tree.map(lambda w: checkpoint_name(w, _STAGE_WEIGHTS), _index(w_RxC, repeat))
-    return stage_fn(w_C, x_BxLxD, *extras)
+    return stage_fn(_index(w_RxC, repeat), x_BxLxD, *extras)
 
-  # The backward pass re-slices this iteration's weights from the loop-invariant stack instead of keeping a copy
-  # per iteration (T x the stage's weights); everything else follows the layers' own remat policy.
-  apply_stage = jax.checkpoint(apply_stage, policy=jax.checkpoint_policies.save_anything_except_these_names(
-      _STAGE_WEIGHTS))
+  # Without this the scan over iterations would keep every iteration's slice of the stage weights for the backward
+  # pass (T x a stage's share of a repeat): the slice is cheap to redo from the loop-invariant stack. Everything the
+  # layers' own remat policy keeps (and their inputs, by name) is still kept, so nothing is recomputed twice.
+  # Without remat ("none") every matmul output is kept and elementwise work is redone: keeping everything would
+  # keep the weights' per-iteration transposes too.
+  policy = jax.checkpoint_policies.save_from_both_policies(
+      remat_policy or jax.checkpoint_policies.checkpoint_dots,
+      jax.checkpoint_policies.save_only_these_names(*saved_names))
+  apply_stage = jax.checkpoint(apply_stage, policy=policy)
 
   def one_stage(w_RxC, repeat, microbatch, valid, x_BxLxD, acc_RxCxM):
     y_BxLxD, stats_C = apply_stage(w_RxC, repeat, x_BxLxD, *_index(per_microbatch, microbatch))

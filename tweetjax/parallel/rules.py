@@ -26,9 +26,10 @@ DEFAULT_RULES: Rules = (
     # Parameters.
     ("vocab", "tensor"),
     # Dense weights shard d_model over `expert` too: its devices split the batch like `fsdp`'s (BATCH_AXES), so
-    # they are FSDP shards for everything but the experts, whose own axis already sits on `expert`.
-    ("embed", ("fsdp", "expert")),
-    ("expert_embed", "fsdp"),
+    # they are FSDP shards for everything but the experts, whose own axis already sits on `expert`. `context`
+    # devices split the sequence, so for the weights they are data-parallel replicas too: FSDP shards as well.
+    ("embed", ("fsdp", "expert", "context")),
+    ("expert_embed", ("fsdp", "context")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
