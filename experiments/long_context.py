@@ -17,16 +17,18 @@ context (64 ways). 64 rows (2M tokens) per step in 8 microbatches of one row per
   python tools/dryrun.py --config=experiments/long_context.py --mesh=fsdp=8,context=8
 """
 
-from tweetjax.config import base_config
+import os
+
+from tweetjax.sweep.spec import load_config
+
+_LLAMA3_8B = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama3_8b.py")
 
 
 def get_config(arg=None):
   del arg
-  config = base_config()
-  config.model.update(vocab_size=128_256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                      mlp_dim=14_336, rope_theta=500_000.0, rope_scaling="llama3", rope_scaling_factor=8.0,
-                      rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_position=8192,
-                      dtype="bfloat16", remat_policy="full", context_attention="ring")
+  config = load_config(_LLAMA3_8B)
+  config.unlock()
+  config.model.update(remat_policy="full", context_attention="ring")
   config.mesh.update(data=-1, fsdp=8, context=8)
   config.data.source = "tweets"
   config.data.seq_len = 32_768
