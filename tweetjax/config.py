@@ -24,7 +24,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
 
   # Mesh axis sizes; their product must equal the device count; one axis may be -1 (= all remaining devices).
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
+  # Axes, outermost first: data, stage (pipeline), fsdp, expert, context (sequence), tensor.
+  config.mesh = ml_collections.ConfigDict({"data": -1, "stage": 1, "fsdp": 1, "expert": 1, "context": 1,
+                                           "tensor": 1})
+  # How the mesh maps onto nodes (tweetjax/parallel/mesh.py): inner axes stay inside a node.
+  config.topology = ml_collections.ConfigDict()
+  config.topology.devices_per_node = 0  # 0: one process per node (its local devices); N: N devices per node
+  config.topology.cross_node = "error"  # `tensor` or `context` spanning nodes: "error" before compiling | "warn"
   # Logical axis name -> mesh axes (or None). The only place that decides placement.
   config.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]
 
@@ -57,6 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.steps = 1000
   config.train.microbatches = 1  # gradient accumulation inside the jitted step
+  # Pipeline (mesh.stage > 1, tweetjax/parallel/pipeline.py): each accumulation microbatch is split again into
+  # this many pipeline microbatches (>= mesh.stage); the layers run in pipeline_repeats circular passes over the
+  # stages. Bubble: (stages - 1) / (repeats x microbatches + stages - 1).
+  config.train.pipeline_microbatches = 1
+  config.train.pipeline_repeats = 1
   config.train.z_loss_weight = 1e-4
   config.train.log_every = 10
 

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import ml_collections
 
-from tweetjax.model.config import ATTENTION_IMPLS, MOE_IMPLS, NORM_STYLES, REMAT_POLICIES, ROPE_SCALINGS
+from tweetjax.model.config import (ATTENTION_IMPLS, CONTEXT_ATTENTION, MOE_IMPLS, NORM_STYLES, REMAT_POLICIES,
+                                   ROPE_SCALINGS)
 from tweetjax.parallel.mesh import MESH_AXES
 from tweetjax.train.optimizer import SCHEDULES
 from tweetjax.train.profiling import parse_profile_steps
@@ -140,6 +141,7 @@ RULES: dict[str, Rule] = {
     "model.attention_impl": one_of(*ATTENTION_IMPLS),
     "model.attention_block_size": POSITIVE_INT,
     "model.logits_chunk": COUNT,  # 0: dense logits
+    "model.context_attention": one_of(*CONTEXT_ATTENTION),
     "model.num_experts": COUNT,
     "model.experts_per_token": POSITIVE_INT,
     "model.moe_every": POSITIVE_INT,
@@ -150,6 +152,8 @@ RULES: dict[str, Rule] = {
     "model.moe_impl": one_of(*MOE_IMPLS),
     # mesh and placement
     **{f"mesh.{axis}": MESH_SIZE for axis in MESH_AXES},
+    "topology.devices_per_node": COUNT,
+    "topology.cross_node": one_of("error", "warn"),
     "logical_axis_rules": Rule(_axis_rules, f"a list of [logical_name, mesh axes] pairs, mesh axes None, one of "
                                             f"{list(MESH_AXES)} or a list of them"),
     # data
@@ -182,6 +186,8 @@ RULES: dict[str, Rule] = {
     # train
     "train.steps": COUNT,
     "train.microbatches": POSITIVE_INT,
+    "train.pipeline_microbatches": POSITIVE_INT,
+    "train.pipeline_repeats": POSITIVE_INT,
     "train.z_loss_weight": NON_NEGATIVE,
     "train.log_every": POSITIVE_INT,
     "train.nonfinite": one_of(*NONFINITE_MODES),

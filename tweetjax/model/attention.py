@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from tweetjax.model.blockwise import blockwise_attention
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.layers import constrain, kernel_init, logical_param
+from tweetjax.parallel import context as context_lib
 
 
 def rope_inv_freq(head_dim: int, theta: float, cfg: ModelConfig | None = None) -> jax.Array:
@@ -99,7 +100,10 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
+               token_index_BxL: jax.Array | None = None) -> jax.Array:
+    """token_index_BxL: each slot's index in the original row when the sequence was reordered (the load-balanced
+    context split); causality follows it. None: the natural order."""
     cfg = self.cfg
     D, H, K, Dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt = cfg.compute_dtype
@@ -131,6 +135,17 @@ class Attention(nn.Module):
       impl = "xla" if cfg.attention_impl in ("cudnn", "blockwise") else cfg.attention_impl
       out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, impl=impl,
                                            softcap=cfg.attn_logit_softcap)
+    elif context_lib.context_shards() > 1:  # the sequence is split over `context`
+      if token_index_BxL is None:
+        token_index_BxL = jnp.broadcast_to(jnp.arange(x_BxLxD.shape[1], dtype=jnp.int32), segment_ids_BxL.shape)
+      if cfg.context_attention == "ring" and context_lib.ring_fits(*segment_ids_BxL.shape):
+        out_BxLxHxDh = context_lib.ring_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL,
+                                                  token_index_BxL, softcap=cfg.attn_logit_softcap)
+      else:  # the partitioner gathers K/V over `context` (also the path of a batch that does not split)
+        mask_Bx1xLxL = attention_mask(segment_ids_BxL, segment_ids_BxL, token_index_BxL, token_index_BxL)
+        impl = "xla" if cfg.attention_impl in ("cudnn", "blockwise") else cfg.attention_impl
+        out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL, impl=impl,
+                                             softcap=cfg.attn_logit_softcap)
     elif cfg.attention_impl == "blockwise":
       out_BxLxHxDh = blockwise_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, segment_ids_BxL,
                                          softcap=cfg.attn_logit_softcap, block=cfg.attention_block_size)

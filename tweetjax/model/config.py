@@ -11,6 +11,7 @@ REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full")
 ATTENTION_IMPLS = ("xla", "cudnn", "reference", "blockwise")
 NORM_STYLES = ("pre", "sandwich")
 MOE_IMPLS = ("expert_parallel", "dense")
+CONTEXT_ATTENTION = ("ring", "all_gather")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
@@ -55,6 +56,9 @@ class ModelConfig:
   # Tokens per chunk of the tiled LM head + cross-entropy (tweetjax/parallel/losses.py), per device: the [tokens, V]
   # logits are never materialised, only [logits_chunk, V / tensor] at a time. 0: dense logits, then the loss.
   logits_chunk: int = 0
+  # With the sequence split over `context`: "ring" (tweetjax/parallel/context.py: K/V blocks passed around the
+  # context shards, online softmax) | "all_gather" (the attention above on K/V the partitioner gathers).
+  context_attention: str = "ring"
   # Mixture of experts (tweetjax/model/moe.py). num_experts=0: every MLP is dense.
   num_experts: int = 0
   experts_per_token: int = 2  # top-k
@@ -70,6 +74,9 @@ class ModelConfig:
       raise ValueError(f"config.model.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"config.model.attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
+    if self.context_attention not in CONTEXT_ATTENTION:
+      raise ValueError(f"config.model.context_attention={self.context_attention!r}: expected one of "
+                       f"{CONTEXT_ATTENTION}")
     if self.norm_style not in NORM_STYLES:
       raise ValueError(f"config.model.norm_style={self.norm_style!r}: expected one of {NORM_STYLES}")
     if self.num_heads % self.num_kv_heads:

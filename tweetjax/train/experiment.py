@@ -17,7 +17,9 @@ from jax.sharding import Mesh
 from tweetjax.config_check import check_config
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.transformer import Transformer
-from tweetjax.parallel.mesh import MeshError, make_mesh
+from tweetjax.parallel import context as context_lib
+from tweetjax.parallel import pipeline as pipeline_lib
+from tweetjax.parallel.mesh import MeshError, check_node_locality, default_devices_per_node, make_mesh
 from tweetjax.parallel.report import sharding_report
 from tweetjax.parallel.rules import Rules, axis_size, mesh_axes_of, normalize_rules
 from tweetjax.parallel.validate import validate_activations, validate_params
@@ -69,14 +71,40 @@ def validate_batch(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules) 
         f"{list(mesh_axes_of('act_batch', rules))} of mesh {dict(mesh.shape)})")
 
 
+def pipeline_spec(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules,
+                  model_config: ModelConfig) -> pipeline_lib.PipelineSpec:
+  """The pipeline of this config on this mesh (stages = the mesh axes of "layers"), validated."""
+  spec = pipeline_lib.PipelineSpec(stages=axis_size(mesh, mesh_axes_of("layers", rules)),
+                                   microbatches=int(config.train.pipeline_microbatches),
+                                   repeats=int(config.train.pipeline_repeats))
+  c = model_config
+  units = pipeline_lib.num_units_of(c.num_layers, c.moe_every, c.num_experts)
+  units_name = ("model.num_layers / model.moe_every" if units != c.num_layers else "model.num_layers")
+  rows = int(config.data.global_batch_size) // int(config.train.microbatches)
+  stage_axes = mesh_axes_of("layers", rules)
+  inner_batch_axes = [a for a in mesh_axes_of("act_batch", rules) if a not in stage_axes]
+  pipeline_lib.validate(spec, units, rows, axis_size(mesh, inner_batch_axes), units_name=units_name,
+                        scan_layers=c.scan_layers)
+  return spec
+
+
+def topology_devices_per_node(config: ml_collections.ConfigDict) -> int:
+  topology = config.get("topology") or {}
+  return int(topology.get("devices_per_node", 0)) or default_devices_per_node()
+
+
 def build_experiment(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
                      mesh: Mesh | None = None) -> Experiment:
   check_config(config)  # every key's value, all bad keys in one error, before any device or compile
-  mesh = make_mesh(config.mesh, devices) if mesh is None else mesh
+  per_node = topology_devices_per_node(config)
+  mesh = make_mesh(config.mesh, devices, devices_per_node=per_node) if mesh is None else mesh
+  check_node_locality(mesh, per_node, str((config.get("topology") or {}).get("cross_node", "error")))
   rules = normalize_rules(config.logical_axis_rules)
   model_config = ModelConfig.from_config(config.model)
+  spec = pipeline_spec(config, mesh, rules, model_config)
   validate_batch(config, mesh, rules)
-  model = Transformer(model_config)
+  context_lib.validate(int(config.data.seq_len), context_lib.context_shards(mesh, rules))
+  model = Transformer(model_config, pipeline=spec)
   tx, schedule = make_optimizer(config.optimizer, int(config.train.steps))
   layout = state_layout(model, tx, mesh, rules, int(config.data.seq_len))
   validate_params(layout.abstract_boxed_params, mesh, rules)

@@ -20,10 +20,12 @@ from absl import logging
 
 from tweetjax.config_check import check_config
 from tweetjax.data.token_stream import TokenStreamIterator
+from tweetjax.parallel import pipeline as pipeline_lib
+from tweetjax.parallel.mesh import node_report
 from tweetjax.parallel.rules import mesh_context
 from tweetjax.train import flops as flops_lib
 from tweetjax.train.checkpoint import CheckpointManager
-from tweetjax.train.experiment import Experiment, build_experiment
+from tweetjax.train.experiment import Experiment, build_experiment, topology_devices_per_node
 from tweetjax.train.metrics import MetricsWriter, format_duration, summarize_window
 from tweetjax.train.preemption import PreemptionWatcher
 from tweetjax.train.profiling import StepProfiler, aot_compile, setup_compilation_cache
@@ -114,6 +116,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, watcher: PreemptionW
   mesh = experiment.mesh
   logging.info("mesh %s on %d devices (%s), %d processes", dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind, jax.process_count())
+  logging.info("%s", node_report(mesh, topology_devices_per_node(config)))
+  if experiment.model.pipeline is not None and experiment.model.pipeline.stages > 1:
+    logging.info("%s", pipeline_lib.describe(experiment.model.pipeline, len(jax.tree.leaves(
+        experiment.layout.abstract_state.params["layers"])[0])))
   logging.info("sharding report:\n%s", experiment.sharding_report())
 
   checkpoints = CheckpointManager.from_config(workdir, config)

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from tweetjax.model import moe
 from tweetjax.model.layers import finalize_logits
+from tweetjax.parallel.context import context_shards, load_balance
 from tweetjax.parallel.losses import tiled_cross_entropy
 from tweetjax.parallel.rules import Rules, batch_sharding, mesh_context, replicated
 from tweetjax.parallel.shard_map_ops import vocab_parallel_cross_entropy
@@ -38,18 +39,22 @@ class LossFn:
 
   def __call__(self, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     cfg = self.model.cfg
+    shards = context_shards(self.mesh, self.rules)
+    if shards > 1:  # the sequence is split over `context`: every shard gets an early and a late chunk
+      batch = load_balance(batch, shards)
     inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
     variables = {"params": params}
     mutable = [moe.MOE_STATS] if cfg.num_experts else []  # MoE layers sow router losses and load statistics
+    kwargs = {"token_index_BxL": batch["token_index"]} if "token_index" in batch else {}
     weights_BxL = batch["weights"].astype(jnp.float32)
     if cfg.logits_chunk:  # tiled LM head + loss: hidden states in, no [B, L, V] logits
-      (hidden_BxLxD, head), stats = self.model.apply(variables, *inputs, logits=False, mutable=mutable)
+      (hidden_BxLxD, head), stats = self.model.apply(variables, *inputs, logits=False, mutable=mutable, **kwargs)
       total, ce_sum, z_sum = tiled_cross_entropy(
           hidden_BxLxD, head.weight, batch["targets"], weights_BxL, vocab_axis=head.vocab_axis,
           finalize=functools.partial(finalize_logits, cfg), chunk=cfg.logits_chunk,
           z_loss_weight=self.z_loss_weight, mesh=self.mesh, rules=self.rules, compute_dtype=cfg.compute_dtype)
     else:
-      logits_BxLxV, stats = self.model.apply(variables, *inputs, mutable=mutable)
+      logits_BxLxV, stats = self.model.apply(variables, *inputs, mutable=mutable, **kwargs)
       loss_BxL, log_z_BxL = vocab_parallel_cross_entropy(logits_BxLxV, batch["targets"], self.mesh, self.rules)
       ce_sum = jnp.sum(loss_BxL * weights_BxL)
       z_sum = jnp.sum(jnp.square(log_z_BxL) * weights_BxL)
