@@ -68,41 +68,20 @@ def load_examples(dataset_dir: str, split: str) -> list[dict[str, Any]]:
   return src.examples(range(len(src)))
 
 
-class PackedBatchIterator:
-  """Yields this process's rows of each global batch as numpy dicts (the batch contract); checkpointable."""
+class WindowRowIterator:
+  """Global batches cut from a deterministic sequence of packed windows: this process's rows of each, as numpy dicts
+  (the batch contract); checkpointable as {"window", "row"}.
 
-  def __init__(self, dataset_dir: str, tokenizer: Tokenizer | str, seq_len: int, global_batch_size: int, *,
-               split: str = "train", shuffle: bool = True, shuffle_seed: int = 0, num_epochs: int | None = None,
-               normalize_config: normalize.NormalizeConfig | dict | None = None, pack_window: int = 4096,
-               local_rows: slice | None = None):
-    self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-    self.source = TweetSource(dataset_dir, split)
-    if len(self.source) == 0:
-      raise ValueError(f"split {split!r} of {dataset_dir} is empty")
-    self.seq_len, self.global_batch_size = seq_len, global_batch_size
+  `windows[w]` must be a pure function of w (a grain MapDataset of packed windows), so resuming recomputes one window
+  and continues exactly. A finite sequence ends with a last batch padded by empty rows.
+  """
+
+  def __init__(self, windows, seq_len: int, global_batch_size: int, pad_id: int, local_rows: slice | None = None):
+    self.windows, self.seq_len, self.global_batch_size, self.pad_id = windows, seq_len, global_batch_size, pad_id
     self.local_rows = local_rows or slice(0, global_batch_size)
-    self.normalize_config = normalize.NormalizeConfig.from_dict(normalize_config)
-    # Normalizing again with the build's own options would cost most of the loader's CPU time, and would not always
-    # be a no-op (normalize.py names the exceptions): the model should see the text the tokenizer was trained on.
-    built = builder.stored_normalization(dataset_dir)
-    self.renormalize = built != self.normalize_config
-    if self.renormalize:
-      logging.info("tweet loader: normalizing %s/%s again with %s (the build used %s)", dataset_dir, split,
-                   self.normalize_config, built or "unrecorded options")
-    order = grain.MapDataset.range(len(self.source))
-    if shuffle:
-      order = order.shuffle(seed=shuffle_seed)
-    self.windows = order.repeat(num_epochs or None).batch(pack_window).map(self._pack_window)
     self._window, self._row = 0, 0
     self._rows: dict[str, np.ndarray] | None = None
     self._rows_window = -1
-
-  def _pack_window(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    texts = self.source.texts(indices.tolist())
-    if self.renormalize:
-      texts = normalize.normalize_batch(texts, self.normalize_config)
-    tok = self.tokenizer
-    return packing.pack(tok.encode_batch(texts), self.seq_len, tok.bos_id, tok.eos_id, tok.pad_id)
 
   def _window_rows(self, w: int) -> dict[str, np.ndarray] | None:
     if w >= len(self.windows):
@@ -122,7 +101,7 @@ class PackedBatchIterator:
       if rows is None:
         if need == self.global_batch_size:
           raise StopIteration
-        parts.append(packing.empty_rows(need, self.seq_len, self.tokenizer.pad_id))  # finite pass: pad
+        parts.append(packing.empty_rows(need, self.seq_len, self.pad_id))  # finite pass: pad
         break
       take = min(need, len(rows["inputs"]) - r)
       parts.append({k: v[r:r + take] for k, v in rows.items()})
@@ -142,6 +121,47 @@ class PackedBatchIterator:
     self._window, self._row = int(state["window"]), int(state["row"])
 
 
+def record_windows(num_records: int, pack_window: int, pack_fn, *, shuffle: bool, shuffle_seed: int,
+                   num_epochs: int | None):
+  """Seeded record order (each epoch reshuffled), cut into windows of `pack_window` indices, each mapped by
+  `pack_fn(indices) -> packed rows`: the deterministic window sequence a WindowRowIterator reads."""
+  order = grain.MapDataset.range(num_records)
+  if shuffle:
+    order = order.shuffle(seed=shuffle_seed)
+  return order.repeat(num_epochs or None).batch(pack_window).map(pack_fn)
+
+
+class PackedBatchIterator(WindowRowIterator):
+  """The tweet loader: windows of tweets of one split, normalized (when needed), tokenized and packed."""
+
+  def __init__(self, dataset_dir: str, tokenizer: Tokenizer | str, seq_len: int, global_batch_size: int, *,
+               split: str = "train", shuffle: bool = True, shuffle_seed: int = 0, num_epochs: int | None = None,
+               normalize_config: normalize.NormalizeConfig | dict | None = None, pack_window: int = 4096,
+               local_rows: slice | None = None):
+    self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    self.source = TweetSource(dataset_dir, split)
+    if len(self.source) == 0:
+      raise ValueError(f"split {split!r} of {dataset_dir} is empty")
+    self.normalize_config = normalize.NormalizeConfig.from_dict(normalize_config)
+    # Normalizing again with the build's own options would cost most of the loader's CPU time, and would not always
+    # be a no-op (normalize.py names the exceptions): the model should see the text the tokenizer was trained on.
+    built = builder.stored_normalization(dataset_dir)
+    self.renormalize = built != self.normalize_config
+    if self.renormalize:
+      logging.info("tweet loader: normalizing %s/%s again with %s (the build used %s)", dataset_dir, split,
+                   self.normalize_config, built or "unrecorded options")
+    windows = record_windows(len(self.source), pack_window, self._pack_window, shuffle=shuffle,
+                             shuffle_seed=shuffle_seed, num_epochs=num_epochs)
+    super().__init__(windows, seq_len, global_batch_size, self.tokenizer.pad_id, local_rows)
+
+  def _pack_window(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    texts = self.source.texts(indices.tolist())
+    if self.renormalize:
+      texts = normalize.normalize_batch(texts, self.normalize_config)
+    tok = self.tokenizer
+    return packing.pack(tok.encode_batch(texts), self.seq_len, tok.bos_id, tok.eos_id, tok.pad_id)
+
+
 def iterate_packed_batches(dataset_dir: str, tokenizer: Tokenizer | str, seq_len: int, batch_size: int, *,
                            split: str = "validation", shuffle: bool = False, shuffle_seed: int = 0,
                            num_epochs: int | None = 1, normalize_config=None, pack_window: int = 4096,
@@ -155,7 +175,7 @@ def iterate_packed_batches(dataset_dir: str, tokenizer: Tokenizer | str, seq_len
                              pack_window=pack_window, local_rows=slice(process_index * per, (process_index + 1) * per))
 
 
-def _process_rows(sharding: jax.sharding.Sharding, global_batch_size: int, seq_len: int) -> slice:
+def process_rows(sharding: jax.sharding.Sharding, global_batch_size: int, seq_len: int) -> slice:
   """The contiguous global rows held by this process's devices under `sharding`."""
   idx = sharding.addressable_devices_indices_map((global_batch_size, seq_len))
   starts = sorted({(s[0].start or 0, global_batch_size if s[0].stop is None else s[0].stop) for s in idx.values()})
@@ -167,9 +187,9 @@ def _process_rows(sharding: jax.sharding.Sharding, global_batch_size: int, seq_l
 
 
 class GlobalBatchIterator:
-  """Wraps a PackedBatchIterator: yields dicts of global `jax.Array`s sharded with `batch_sharding(mesh)`."""
+  """Wraps a WindowRowIterator: yields dicts of global `jax.Array`s sharded with `batch_sharding(mesh)`."""
 
-  def __init__(self, local: PackedBatchIterator, sharding: jax.sharding.Sharding):
+  def __init__(self, local: WindowRowIterator, sharding: jax.sharding.Sharding):
     self.local, self.sharding = local, sharding
 
   def __iter__(self):
@@ -198,5 +218,5 @@ def make_iterator(config, mesh: jax.sharding.Mesh, split: str = "train") -> Glob
       data.dataset_dir, data.tokenizer_path, L, B, split=split, shuffle=split == "train",
       shuffle_seed=int(data.shuffle_seed), num_epochs=int(get("num_epochs")) or None,
       normalize_config=get("normalize"), pack_window=int(get("pack_window")),
-      local_rows=_process_rows(sharding, B, L))
+      local_rows=process_rows(sharding, B, L))
   return GlobalBatchIterator(local, sharding)

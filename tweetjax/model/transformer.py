@@ -90,7 +90,7 @@ class Transformer(nn.Module):
     block = _block_class(cfg)
     if cfg.scan_layers:
       unit, unit_kwargs, length = _scan_unit(cfg, block)
-      layers = nn.scan(unit, variable_axes={"params": 0, "cache": 0, MOE_STATS: 0}, split_rngs={"params": True},
+      layers = nn.scan(unit, variable_axes={"params": 0, "cache": 0, MOE_STATS: 0}, split_rngs={"params": True, "dropout": True},
                        in_axes=(nn.broadcast, nn.broadcast), length=length,
                        metadata_params={nn.PARTITION_NAME: "layers"})
       x_BxLxD, _ = layers(cfg, **unit_kwargs, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL)

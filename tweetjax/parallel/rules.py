@@ -36,6 +36,7 @@ DEFAULT_RULES: Rules = (
     ("layers", None),
     ("norm", None),
     ("experts", "expert"),
+    ("lora_rank", None),  # LoRA adapters: their other axes are the adapted kernel's (tweetjax/model/lora.py)
     # Activations.
     ("act_batch", BATCH_AXES),
     ("act_length", None),
