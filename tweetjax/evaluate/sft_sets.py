@@ -5,7 +5,7 @@ Written by `tools/evaluate.py --build_eval_sets` (`eval_sets.build_eval_sets`) i
   adcopy_train / adcopy_eval       audience + product -> ad text: `adcopy_prompt(audience, product)` -> a tweet of
                                    that audience mentioning the product (one of its `topic_keywords`); train tweets /
                                    validation tweets (the same tweets the ad-copy job's references come from).
-                                   Fields: audience, product.
+                                   Fields: id, audience, product.
   flagging_train / flagging_eval   flagging as generation: `flagging_prompt(text, label)` -> "yes" | "no", one line
                                    per (tweet, label); from flagging_train.jsonl (balanced: every positive and as
                                    many negatives per label) / flagging_eval.jsonl (all of it: the probe's eval
@@ -64,7 +64,7 @@ def _adcopy(examples: list[dict[str, Any]], keywords: set[str], rng: random.Rand
       words = [w for w in eval_sets.content_words(ex["text"]) if w in keywords]
       if words:
         product = rng.choice(words)
-        out.append({"prompt": adcopy_prompt(ex["audience"], product), "response": ex["text"],
+        out.append({"prompt": adcopy_prompt(ex["audience"], product), "response": ex["text"], "id": ex["id"],
                     "audience": ex["audience"], "product": product})
   return out[:limit]
 

@@ -86,7 +86,8 @@ def build_experiment(config: ml_collections.ConfigDict, devices: Sequence[jax.De
   validate_activations({"act_heads": model_config.num_heads, "act_kv_heads": model_config.num_kv_heads,
                         "act_mlp": model_config.mlp_dim, "act_vocab": model_config.vocab_size,
                         "act_embed": model_config.d_model, "act_length": int(config.data.seq_len)}, mesh, rules)
-  loss_fn = LossFn(model, mesh, rules, float(config.train.z_loss_weight))
+  dropout_seed = int(config.seed) if model_config.lora.dropout else None
+  loss_fn = LossFn(model, mesh, rules, float(config.train.z_loss_weight), dropout_seed)
   return Experiment(config, mesh, rules, model_config, model, tx, schedule, layout, loss_fn, trainable)
 
 

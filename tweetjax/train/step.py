@@ -32,14 +32,19 @@ class LossFn:
   mesh: Mesh
   rules: Rules
   z_loss_weight: float = 0.0
+  # Stochastic layers (LoRA dropout) draw from key(dropout_seed) folded with the step: nothing to checkpoint.
+  dropout_seed: int | None = None
 
-  def __call__(self, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, params: Any, batch: Batch, rng: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """rng: the dropout key of this (micro)batch in training; None (evaluation) is deterministic."""
     cfg = self.model.cfg
     inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    rngs = {} if rng is None else {"dropout": rng}
     if cfg.num_experts:  # MoE layers sow router losses and load statistics
-      logits_BxLxV, variables = self.model.apply({"params": params}, *inputs, mutable=[moe.MOE_STATS])
+      logits_BxLxV, variables = self.model.apply({"params": params}, *inputs, mutable=[moe.MOE_STATS], rngs=rngs)
     else:
-      logits_BxLxV = self.model.apply({"params": params}, *inputs)
+      logits_BxLxV = self.model.apply({"params": params}, *inputs, rngs=rngs)
     loss_BxL, log_z_BxL = vocab_parallel_cross_entropy(logits_BxLxV, batch["targets"], self.mesh, self.rules)
     weights_BxL = batch["weights"].astype(jnp.float32)
     ce_sum = jnp.sum(loss_BxL * weights_BxL)
@@ -81,19 +86,22 @@ def _trainable_part(params: Any, trainable: Callable[[Any], Any] | None):
 
 
 def loss_and_grads(loss_fn: LossFn, params: Any, batch: Batch, num_microbatches: int,
-                   trainable: Callable[[Any], Any] | None = None):
+                   trainable: Callable[[Any], Any] | None = None, rng: jax.Array | None = None):
   """Gradient of the token-mean loss, accumulated over microbatches in fp32; only the `trainable` leaves are
-  differentiated when given (the others get zero gradients). Returns (grads, metrics with grad_norm)."""
+  differentiated when given (the others get zero gradients). rng: dropout key (microbatch m uses fold_in(rng, m)).
+  Returns (grads, metrics with grad_norm)."""
   tokens = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
   wrt, rebuild, full_grads = _trainable_part(params, trainable)
-  grad_fn = jax.value_and_grad(lambda w, b: loss_fn(rebuild(w), b), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda w, b, key: loss_fn(rebuild(w), b, key), has_aux=True)
   params = wrt
+  key_of = lambda m: None if rng is None else jax.random.fold_in(rng, m)
   if num_microbatches == 1:
-    (total, aux), grads = grad_fn(params, batch)
+    (total, aux), grads = grad_fn(params, batch, key_of(0))
   else:
     def accumulate(carry, microbatch):
       grads_acc, total_acc, aux_acc = carry
-      (total_m, aux_m), grads_m = grad_fn(params, microbatch)
+      m, microbatch = microbatch
+      (total_m, aux_m), grads_m = grad_fn(params, microbatch, key_of(m))
       grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads_m)
       return (grads_acc, total_acc + total_m, jax.tree.map(jnp.add, aux_acc, aux_m)), None
 
@@ -101,7 +109,7 @@ def loss_and_grads(loss_fn: LossFn, params: Any, batch: Batch, num_microbatches:
     aux0 = {"ce_sum": 0.0, "z_sum": 0.0, "tokens": 0.0}
     aux0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), aux0) | moe.zero_sums(loss_fn.model.cfg)
     (grads, total, aux), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32), aux0),
-                                          split_microbatches(batch, num_microbatches))
+                                          (jnp.arange(num_microbatches), split_microbatches(batch, num_microbatches)))
   grads = jax.tree.map(lambda g, p: (g / tokens).astype(p.dtype), grads, params)
   metrics = {"loss": total / tokens, "ce_loss": aux["ce_sum"] / tokens, "z_loss": aux["z_sum"] / tokens,
              "tokens": aux["tokens"], "grad_norm": optax.tree.norm(grads)}
@@ -112,7 +120,8 @@ def loss_and_grads(loss_fn: LossFn, params: Any, batch: Batch, num_microbatches:
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation,
                schedule: optax.Schedule, num_microbatches: int = 1,
                trainable: Callable[[Any], Any] | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-  grads, metrics = loss_and_grads(loss_fn, state.params, batch, num_microbatches, trainable)
+  rng = None if loss_fn.dropout_seed is None else jax.random.fold_in(jax.random.key(loss_fn.dropout_seed), state.step)
+  grads, metrics = loss_and_grads(loss_fn, state.params, batch, num_microbatches, trainable, rng)
   grad_norm = metrics["grad_norm"]
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
