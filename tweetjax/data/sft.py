@@ -141,6 +141,12 @@ class ChatEncoder:
       out.append((ids, mask))
     return out
 
+  def prompt_ids(self, prompt: Messages) -> list[int]:
+    """[BOS] + the rendered conversation + the assistant format's text before {content}: what a fine-tuned model
+    continues with its reply (which ends at the format's end marker, e.g. {eos})."""
+    ids, _ = self.encode_batch([prompt])[0] if prompt else ([], [])
+    return [self.tokenizer.bos_id] + ids + self._parts["assistant"][0]
+
   def prompt_and_response(self, prompt: Messages, response: str) -> tuple[list[int], int]:
     """[BOS] + the rendered conversation `prompt` + an assistant turn `response`, and the index of its first trained
     token: what evaluation scores, exactly as training weighted it."""
