@@ -23,10 +23,11 @@ def tiny_dryrun(tmp_path_factory):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   cmd = [sys.executable, os.path.join(REPO, "tools", "dryrun.py"), "--config=experiments/tiny.py",
          "--mesh=" + ",".join(f"{k}={v}" for k, v in _MESH.items()), "--device_memory_gib=1",
-         f"--json_out={out}"]
+         "--predict=h100", f"--json_out={out}"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "estimate for a GPU" in proc.stdout
+  assert "\npredicted: " in proc.stdout and "MFU" in proc.stdout.split("\npredicted: ")[1]
   return json.loads(out.read_text())
 
 
@@ -66,6 +67,20 @@ def test_memory_report_and_no_full_logits_gather(tiny_dryrun):
   rows, L, V = config.data.global_batch_size // 8, config.data.seq_len, config.model.vocab_size
   largest = tiny_dryrun["collectives"]["all-gather"]["largest"]
   assert largest and hlo.parse_shapes(largest)[0].size < rows * L * V
+
+
+def test_compiled_prediction_matches_the_analytic_inventory(tiny_dryrun):
+  """--predict on the compiled program: the analytic FLOPs of the same CPU program equal the HLO's, the analytic
+  FSDP gathers equal the compiled ones, and tensor-parallel all-reduces are never counted above the GPU's number."""
+  pred = tiny_dryrun["prediction"]
+  assert pred["source"].startswith("compiled on all 16") and pred["devices"] == 16 and pred["step_s"] > 0
+  checks = {(c["cls"], c["kind"], tuple(c["axes"])): c for c in pred["compiled_checks"]}
+  gathers = checks[("fsdp", "all-gather", ("fsdp",))]
+  assert gathers["compiled_bytes"] == pytest.approx(gathers["analytic_bytes"], rel=0.05)
+  tp = checks[("tp", "all-reduce", ("tensor",))]
+  assert tp["compiled_bytes"] >= tp["analytic_bytes"] and tp["used"].startswith("analytic")
+  used_tp = sum(c["bytes"] * c["count"] for c in pred["comms"] if c["axes"] == ["tensor"])
+  assert used_tp == pytest.approx(tp["analytic_bytes"])
 
 
 _HLO = """HloModule m

@@ -12,6 +12,7 @@ import sys
 
 from absl import app, flags
 
+from tweetjax import paths
 from tweetjax.data import builder, normalize, synthetic
 
 _INPUT = flags.DEFINE_list("input", [], "Export files or directories (searched recursively).")
@@ -49,6 +50,7 @@ def _progress(stats) -> None:
 
 def main(argv):
   del argv
+  paths.resolve_path_flags(_INPUT, _OUTPUT, _TOKENIZER)  # relative to where the command started
   if not _INPUT.value and not _SYNTHETIC.value:
     raise app.UsageError("give --input=<files or dirs> or --synthetic")
   config = builder.BuildConfig(

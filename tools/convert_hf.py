@@ -1,13 +1,14 @@
-"""Hugging Face Llama checkpoints <-> tweetjax checkpoints (safetensors only; nothing is unpickled).
+"""HF Llama / Mistral / Qwen2 checkpoints <-> tweetjax checkpoints (safetensors only; nothing is unpickled).
 
 Import an HF directory (config.json + *.safetensors, sharded or not) into a workdir you can train/evaluate from:
   python tools/convert_hf.py --mode=import --hf_dir=/models/llama --workdir=/runs/llama \
       [--config=experiments/hf.py:/models/llama --config.mesh.fsdp=8 ...]
   python tools/train.py --config=experiments/hf.py:/runs/llama --workdir=/runs/llama
 
-Export a tweetjax checkpoint (newest step, or --step) to a `LlamaForCausalLM` directory:
+Export a tweetjax checkpoint (newest step, or --step) to an HF directory of the family it was imported from
+(a model trained here: Llama, or Qwen2 with config.model.qkv_bias; --model_type overrides):
   python tools/convert_hf.py --mode=export --workdir=/runs/llama --hf_dir=/exports/llama \
-      [--dtype=bfloat16 --max_shard_size=5GB --tokenizer=/path/sp.model]
+      [--dtype=bfloat16 --max_shard_size=5GB --tokenizer=/path/sp.model --model_type=mistral]
 """
 
 import json
@@ -18,6 +19,7 @@ import tracemalloc
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from tweetjax import paths
 from tweetjax.convert import hf as hf_convert
 from tweetjax.convert import hf_config
 
@@ -40,6 +42,8 @@ _MAX_POS = flags.DEFINE_integer("max_position_embeddings", None, "Export: HF max
                                 "from the imported HF config, else config.data.seq_len).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "Export: SentencePiece model to export alongside (default: "
                                  "config.data.tokenizer_path or <workdir>/tokenizer.model when present).")
+_MODEL_TYPE = flags.DEFINE_enum("model_type", None, list(hf_config.SUPPORTED_MODEL_TYPES), "Export: HF family "
+                                "(default: the imported one, else qwen2 with config.model.qkv_bias, else llama).")
 _TRACE_MEMORY = flags.DEFINE_bool("trace_memory", False, "Report the peak of numpy host allocations (tracemalloc).")
 flags.mark_flags_as_required(["mode", "hf_dir", "workdir"])
 
@@ -61,6 +65,7 @@ def main(argv):
     tracemalloc.start()
   started = time.perf_counter()
   config = _CONFIG.value
+  paths.resolve_tool_paths(config, _HF_DIR, _WORKDIR, _TOKENIZER)  # relative to where the command started
   if _MODE.value == "import":
     record = hf_convert.import_hf(_HF_DIR.value, _WORKDIR.value, config, vocab_multiple=_VOCAB_MULTIPLE.value)
     overrides = " ".join(f"--config.model.{k}={v}" for k, v in record["model_overrides"].items())
@@ -73,7 +78,8 @@ def main(argv):
       config = hf_convert.saved_config(_WORKDIR.value, _STEP.value)
     options = hf_convert.ExportOptions(
         hf_vocab_size=_HF_VOCAB.value, dtype=_DTYPE.value, max_shard_size=_MAX_SHARD_SIZE.value,
-        max_position_embeddings=_max_positions(config), tokenizer_path=_TOKENIZER.value)
+        max_position_embeddings=_max_positions(config), tokenizer_path=_TOKENIZER.value,
+        model_type=_MODEL_TYPE.value or "")
     hf = hf_convert.export_checkpoint(_WORKDIR.value, _HF_DIR.value, config, step=_STEP.value, options=options)
     print(f"exported {_WORKDIR.value} to {_HF_DIR.value}: {json.dumps(hf)}")
   report = {"mode": _MODE.value, "seconds": round(time.perf_counter() - started, 2),

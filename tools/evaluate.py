@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from tweetjax import paths
 from tweetjax.evaluate import common, eval_sets, runner
 from tweetjax.perf import env
 
@@ -31,6 +32,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "With --build_eval_sets: repl
 def main(argv):
   del argv
   config = _CONFIG.value
+  paths.resolve_tool_paths(config, _WORKDIR)  # relative to where the command started
   env.setup_environment(config)  # XLA flags and multi-process start-up, before JAX touches a device
   if _BUILD.value:
     out_dir = eval_sets.data_dir_of(config)

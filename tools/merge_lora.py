@@ -13,6 +13,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from tweetjax import paths
 from tweetjax.perf import env
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The LoRA run's experiment config (default: the config "
@@ -27,6 +28,7 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float16", "float32"], "H
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  paths.resolve_tool_paths(_CONFIG.value, _WORKDIR, _OUTPUT, _HF_DIR)  # relative to where the command started
   if _CONFIG.value is not None:
     env.setup_environment(_CONFIG.value)  # its XLA flags, before JAX starts (reading a saved config starts it)
   from tweetjax.convert import hf as hf_convert  # pylint: disable=g-import-not-at-top
@@ -35,10 +37,16 @@ def main(argv):
   result = merge_lora.merge_checkpoint(config, _WORKDIR.value, _OUTPUT.value, _STEP.value)
   print(f"merged {_WORKDIR.value} step {result['step']} into {_OUTPUT.value}/checkpoints/{result['step']}")
   if _HF_DIR.value:
-    merged = result["config"]
-    options = hf_convert.ExportOptions(hf_vocab_size=int(merged.model.valid_vocab_size) or None, dtype=_DTYPE.value,
-                                       max_position_embeddings=int(merged.data.seq_len))
-    hf = hf_convert.export_checkpoint(_OUTPUT.value, _HF_DIR.value, merged, step=result["step"], options=options)
+    # Vocab, family, token ids and context length: from the source's HF record when there is one.
+    from tweetjax.convert import hf_config  # pylint: disable=g-import-not-at-top
+    max_positions = int(result["config"].data.seq_len)
+    try:
+      max_positions = int(hf_config.find_hf_config(_OUTPUT.value)[0].get("max_position_embeddings") or max_positions)
+    except FileNotFoundError:
+      pass
+    options = hf_convert.ExportOptions(dtype=_DTYPE.value, max_position_embeddings=max_positions)
+    hf = hf_convert.export_checkpoint(_OUTPUT.value, _HF_DIR.value, result["config"], step=result["step"],
+                                      options=options)
     print(f"exported to {_HF_DIR.value}: {json.dumps(hf)}")
 
 

@@ -7,6 +7,7 @@ import os
 
 from absl import app, flags, logging
 
+from tweetjax import paths
 from tweetjax.train.metrics import read_metrics
 from tweetjax.train.plot import plot_curves
 
@@ -18,6 +19,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  paths.resolve_path_flags(_WORKDIR, _OUT)  # relative to where the command started
   rows = read_metrics(_WORKDIR.value)
   if not rows:
     raise app.UsageError(f"{os.path.join(_WORKDIR.value, 'metrics.jsonl')}: no metrics rows "

@@ -14,6 +14,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from tweetjax import paths
 from tweetjax.evaluate import common
 from tweetjax.model.decode import SamplingConfig, Sampler, generate_text
 from tweetjax.perf import env
@@ -36,6 +37,7 @@ _CHAT = flags.DEFINE_bool("chat", False, "Prompts are user turns in the config.d
 def main(argv):
   del argv
   config = _CONFIG.value
+  paths.resolve_tool_paths(config, _WORKDIR)  # relative to where the command started
   env.setup_environment(config)  # XLA flags and multi-process start-up, before JAX touches a device
   pick = lambda flag, default: default if flag.value is None else flag.value
   tokenizer = common.load_tokenizer(config)

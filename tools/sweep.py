@@ -16,6 +16,7 @@ import time
 
 from absl import app, flags, logging
 
+from tweetjax import paths
 from tweetjax.sweep import emit, report, runner
 
 _CONFIG = flags.DEFINE_string("config", None, "Experiment config file with a sweep(): experiments/x.py[:arg].")
@@ -55,7 +56,8 @@ def _detect_gpus() -> int:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config_path, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+  # Absolute from here on: the points' commands, sweep.json and launch scripts mean the same from any directory.
+  config_path, workdir = paths.absolute_config_arg(_CONFIG.value), paths.absolute(_WORKDIR.value)
   points = runner.plan(config_path, workdir, _DEVICES_PER_POINT.value)
   everything = {p.name: p.overrides for p in points}
   if _POINT.value is not None:

@@ -6,8 +6,9 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tweetjax.train.loop import train
+from tweetjax import paths
 from tweetjax.perf import env
+from tweetjax.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py[:arg]).",
                                           lock_config=True)
@@ -18,6 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  paths.resolve_tool_paths(_CONFIG.value, _WORKDIR)  # relative to where the command started
   env.setup_environment(_CONFIG.value)  # XLA flags and multi-process start-up, before JAX touches a device
   final = train(_CONFIG.value, _WORKDIR.value)
   logging.info("finished: %s", final)

@@ -8,6 +8,7 @@ Writes <output>.model and <output>.vocab. Ids: pad=0, bos=1, eos=2, unk=3, then 
 
 from absl import app, flags
 
+from tweetjax import paths
 from tweetjax.data import pipeline, tokenizer
 
 _DATASET_DIR = flags.DEFINE_string("dataset_dir", None, "Built dataset directory (tools/build_dataset.py).",
@@ -20,6 +21,7 @@ _MAX_DOCS = flags.DEFINE_integer("max_docs", 2_000_000, "Train on at most this m
 
 def main(argv):
   del argv
+  paths.resolve_path_flags(_DATASET_DIR, _OUTPUT)  # relative to where the command started
   src = pipeline.TweetSource(_DATASET_DIR.value, "train")
   n = min(len(src), _MAX_DOCS.value)
   texts = (t for i in range(0, n, 8192) for t in src.texts(range(i, min(n, i + 8192))))

@@ -101,6 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint.max_to_keep = 3  # the newest k checkpoints are kept ...
   config.checkpoint.keep_every_steps = 0  # ... plus every step divisible by M, forever (0: none)
   config.checkpoint.async_save = True  # write in the background; the step loop waits only for device->host copies
+  # Interrupted saves set aside in <workdir>/checkpoints_incomplete/: the newest N are kept, older ones deleted.
+  config.checkpoint.keep_incomplete = 3
   # --- end training loop ---
 
   # --- Evaluation jobs and sampling (tweetjax/evaluate, tools/{evaluate,sample}.py) ---

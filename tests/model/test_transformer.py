@@ -160,14 +160,52 @@ def test_tied_embeddings_have_no_lm_head():
   assert param_count(p) == param_count(init(CFG)) - CFG.d_model * CFG.vocab_size
 
 
+def boxed_shapes(name):
+  cfg = ModelConfig.from_config(load_config(name).model)
+  return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+
+
 @pytest.mark.parametrize("name,expected", [("llama_7b", 6.74e9), ("llama_1b", 1.236e9), ("llama_70b", 68.98e9),
                                            ("small", 56.4e6)])
 def test_published_param_counts_via_eval_shape(name, expected):
-  cfg = ModelConfig.from_config(load_config(name).model)
-  shapes = jax.eval_shape(lambda: nn.meta.unbox(
-      Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))
-  n = param_count(shapes)
+  n = param_count(nn.meta.unbox(boxed_shapes(name)))
   assert abs(n - expected) / expected < 0.01, f"{name}: {n:,} params, expected ~{expected:,.0f}"
+
+
+# The totals of the published checkpoints (safetensors metadata of meta-llama/Llama-3.1-8B, meta-llama/Llama-3.2-1B,
+# Qwen/Qwen2.5-7B): exact, so a missing bias or a wrong vocab shows.
+@pytest.mark.parametrize("name,expected", [("llama3_8b", 8_030_261_248), ("llama3_2_1b", 1_235_814_400),
+                                           ("qwen2_5_7b", 7_615_616_512)])
+def test_open_weight_shapes_have_the_published_param_counts(name, expected):
+  boxed = boxed_shapes(name)
+  assert param_count(nn.meta.unbox(boxed)) == expected
+  if name == "qwen2_5_7b":  # q/k/v biases sharded like the heads they belong to
+    specs = nn.get_partition_spec(boxed)["layers"]["attention"]
+    assert tuple(specs["query_bias"]) == ("layers", "heads", "head_dim")
+    assert tuple(specs["key_bias"]) == tuple(specs["value_bias"]) == ("layers", "kv_heads", "head_dim")
+
+
+def test_rope_scaling():
+  from tweetjax.model import attention
+  apply_rope = jax.jit(attention.apply_rope, static_argnums=(2, 3))
+  x = jax.random.normal(jax.random.key(0), (B, L, 2, 16))
+  positions = jnp.broadcast_to(jnp.arange(L) * 37, (B, L))
+  linear = ModelConfig(head_dim=16, rope_scaling="linear", rope_scaling_factor=4.0)
+  # linear: plain RoPE at positions / factor
+  np.testing.assert_allclose(apply_rope(x, positions, 1e4, linear), apply_rope(x, positions / 4.0, 1e4),
+                             rtol=1e-5, atol=1e-5)
+  # llama3 with a context shorter than every wavelength (>= 2 pi) stretches all of them: linear; with one longer
+  # than all of them stretches none: plain.
+  llama3 = dict(head_dim=16, rope_scaling="llama3", rope_scaling_factor=4.0, rope_low_freq_factor=1.0,
+                rope_high_freq_factor=4.0)
+  np.testing.assert_allclose(apply_rope(x, positions, 1e4, ModelConfig(**llama3, rope_original_max_position=6)),
+                             apply_rope(x, positions, 1e4, linear), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(apply_rope(x, positions, 1e4, ModelConfig(**llama3, rope_original_max_position=10**6)),
+                             apply_rope(x, positions, 1e4), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="rope_scaling='yarn'"):
+    ModelConfig(rope_scaling="yarn")
+  with pytest.raises(ValueError, match="expected 0 < low < high"):
+    ModelConfig(**{**llama3, "rope_low_freq_factor": 4.0})
 
 
 def test_model_config_rejects_bad_values():

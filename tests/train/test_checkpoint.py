@@ -130,3 +130,20 @@ def test_nonfinite_state_is_never_written(saved, tmp_path):
     with pytest.raises(checkpoint_lib.NonFiniteStateError, match="step 1"):
       manager.save(1, state.replace(params=poisoned), force=True)
   assert os.listdir(os.path.join(str(tmp_path), "checkpoints")) == []
+
+
+def test_only_the_newest_incomplete_checkpoints_are_kept(tmp_path):
+  """Twenty interrupted saves over a run's restarts leave `keep_incomplete` of them; corrupt ones are never pruned."""
+  workdir = str(tmp_path)
+  corrupt = os.path.join(workdir, "checkpoints_corrupt", "5.20260101-000000")
+  os.makedirs(corrupt)
+  for restart in range(20):
+    with CheckpointManager(workdir, keep_incomplete=3) as manager:
+      os.makedirs(os.path.join(manager.directory, f"{restart}.orbax-checkpoint-tmp-{restart}", "params"))
+      os.utime(os.path.join(manager.directory, f"{restart}.orbax-checkpoint-tmp-{restart}"), (restart, restart))
+      manager.set_aside_incomplete()
+  kept = sorted(int(n.split(".")[0]) for n in os.listdir(os.path.join(workdir, "checkpoints_incomplete")))
+  assert kept == [17, 18, 19]
+  assert os.path.isdir(corrupt)
+  with pytest.raises(ValueError, match="checkpoint.keep_incomplete"):
+    CheckpointManager(workdir, keep_incomplete=-1)

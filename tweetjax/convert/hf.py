@@ -1,4 +1,4 @@
-"""Hugging Face Llama checkpoints <-> tweetjax checkpoints, streamed tensor by tensor.
+"""Hugging Face Llama / Mistral / Qwen2 checkpoints <-> tweetjax checkpoints, streamed tensor by tensor.
 
 Import: each param is built directly in its shards (`jax.make_array_from_callback`): a device's block is read from
 the safetensors files for just that device's slice of that param, so host memory holds one block at a time, never
@@ -7,7 +7,8 @@ optimizer state and a fresh data-iterator state (what the loop would have saved 
 `tools/train.py --workdir` resumes from and `restore_params` reads.
 
 Export: the params are restored onto the local devices and copied to host one layer of one param at a time, into
-safetensors shards of at most `max_shard_size` bytes, loadable by `transformers.LlamaForCausalLM`.
+safetensors shards of at most `max_shard_size` bytes, loadable by `transformers.AutoModelForCausalLM` as the family
+it was imported from (Llama, Mistral, Qwen2), or as Llama (Qwen2 with q/k/v biases) for a model trained here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from tweetjax.config_check import check_config
 from tweetjax.convert import hf_config as hfc
 from tweetjax.convert.hf_params import IGNORED_HF_TENSORS, ParamSpec, expected_hf_shape, param_specs, \
     stacked_block, to_hf_tensor
@@ -52,7 +54,7 @@ def check_tensor_names(reader: SafetensorsReader, specs: list[ParamSpec], tied: 
                   and not (tied and n == "lm_head.weight"))  # some tied exports still save the shared matrix
   if missing or unused:
     raise CheckpointFileError(
-        f"{reader.model_dir}: tensors do not match a {'tied' if tied else 'untied'} Llama with this config: "
+        f"{reader.model_dir}: tensors do not match a {'tied' if tied else 'untied'} model with this config: "
         f"missing {missing[:20]}{' ...' if len(missing) > 20 else ''} ({len(missing)} in all); "
         f"unknown {unused[:20]}{' ...' if len(unused) > 20 else ''} ({len(unused)} in all)")
 
@@ -218,18 +220,22 @@ class ExportOptions:
   max_shard_size: str | int = "5GB"
   max_position_embeddings: int = 4096
   tokenizer_path: str = ""  # SentencePiece .model exported alongside when set
+  model_type: str = ""  # HF family (llama | mistral | qwen2); "": qwen2 with config.model.qkv_bias, else llama
+  token_ids: dict | None = None  # bos/eos/pad_token_id for config.json when no tokenizer supplies them
 
 
 def export_hf(params: Any, cfg: ModelConfig, out_dir: str, options: ExportOptions = ExportOptions()) -> dict:
-  """Writes a `LlamaForCausalLM` directory from `params` (jax Arrays, any sharding); returns the HF config."""
+  """Writes a `<Family>ForCausalLM` directory from `params` (jax Arrays, any sharding); returns the HF config."""
   from tweetjax.convert import hf_tokenizer
 
-  special = hf_tokenizer.special_ids(options.tokenizer_path) if options.tokenizer_path else {}
+  special = dict(options.token_ids or {})
+  if options.tokenizer_path:
+    special = hf_tokenizer.special_ids(options.tokenizer_path)
   dtype = np.dtype(jnp.dtype(options.dtype or cfg.param_dtype))
   torch_dtype = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}[dtype.name]
   hf_config = hfc.hf_config_from_model(
       cfg, vocab_size=options.hf_vocab_size, torch_dtype=torch_dtype,
-      max_position_embeddings=options.max_position_embeddings, **special)
+      max_position_embeddings=options.max_position_embeddings, model_type=options.model_type or None, **special)
   hf_vocab = hf_config["vocab_size"]
   specs, leaves, _ = param_specs(params, cfg.num_layers)
   if os.path.exists(os.path.join(out_dir, "config.json")):
@@ -276,20 +282,26 @@ def export_checkpoint(workdir: str, out_dir: str, config: ml_collections.ConfigD
   """Exports the params of a tweetjax checkpoint (newest step unless `step`) to a HF directory.
 
   config: the experiment config of the run (default: the one saved with the checkpoint). The params are placed
-  FSDP-sharded over the local devices unless `mesh_sizes` is given. The HF vocab defaults to the unpadded size
-  recorded by the import (`hf_import.json`), else the model's.
+  FSDP-sharded over the local devices unless `mesh_sizes` is given. The HF vocab, family and token ids default to
+  those recorded by the import (`hf_import.json`), else the model's vocab, export_model_type and 1/2.
   """
   from tweetjax.train.checkpoint import restore_params
 
   config = saved_config(workdir, step) if config is None else config
+  check_config(config)
   cfg = ModelConfig.from_config(config.model)
-  hfc.check_exportable(cfg)  # before reading anything
+  record_path = os.path.join(workdir, hfc.IMPORT_RECORD)
+  if os.path.exists(record_path):
+    record = hfc.read_json(record_path)
+    imported = record["hf_config"]
+    options = dataclasses.replace(
+        options, hf_vocab_size=record["hf_vocab_size"] if options.hf_vocab_size is None else options.hf_vocab_size,
+        model_type=options.model_type or imported.get("model_type", ""),
+        token_ids=options.token_ids or {k: imported.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+  hfc.check_exportable(cfg, options.model_type or None)  # before reading anything
   mesh = make_mesh(mesh_sizes or {"data": 1, "fsdp": -1, "expert": 1, "tensor": 1})
   rules = normalize_rules(config.logical_axis_rules)
   params = restore_params(workdir, param_layout(cfg, mesh, rules), step)
-  record_path = os.path.join(workdir, hfc.IMPORT_RECORD)
-  if options.hf_vocab_size is None and os.path.exists(record_path):
-    options = dataclasses.replace(options, hf_vocab_size=int(hfc.read_json(record_path)["hf_vocab_size"]))
   if not options.tokenizer_path:
     for candidate in (config.data.get("tokenizer_path", ""), os.path.join(workdir, "tokenizer.model")):
       if candidate and os.path.exists(candidate):

@@ -1,8 +1,9 @@
-"""Hugging Face Llama `config.json` <-> tweetjax `config.model`.
+"""Hugging Face Llama / Mistral / Qwen2 `config.json` <-> tweetjax `config.model`.
 
-Only fields that change the function the weights compute are mapped; anything that would make a Llama checkpoint
-compute something the tweetjax model cannot (scaled RoPE, biases, another activation, sliding windows, quantized
-weights) is refused with the key and value named, instead of importing into a silently different model.
+Only fields that change the function the weights compute are mapped; anything that would make a checkpoint compute
+something the tweetjax model cannot (another RoPE variant, biases outside q/k/v, another activation, a sliding
+window shorter than the context, quantized weights, an unknown field) is refused with the key and value named
+(tweetjax/convert/hf_fields.py), instead of importing into a silently different model.
 """
 
 from __future__ import annotations
@@ -14,16 +15,14 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from tweetjax.convert import hf_fields
+from tweetjax.convert.hf_fields import FAMILIES, HFConfigError  # noqa: F401  (HFConfigError: part of this API)
 from tweetjax.model.config import ModelConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # The file an import writes next to its checkpoint: the source HF config plus what the import decided.
 IMPORT_RECORD = "hf_import.json"
 DEFAULT_VOCAB_MULTIPLE = 128  # divisible by every power-of-two tensor-parallel size up to 128
-
-
-class HFConfigError(ValueError):
-  """A Hugging Face config the tweetjax Llama model cannot represent exactly."""
 
 
 def read_json(path: str) -> dict[str, Any]:
@@ -42,50 +41,10 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
   return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def _rope(hf: Mapping[str, Any], source: str) -> float:
-  """rope_theta from either the transformers>=5 `rope_parameters` or the older `rope_theta`/`rope_scaling` keys."""
-  params = hf.get("rope_parameters")
-  scaling = hf.get("rope_scaling")
-  theta = hf.get("rope_theta")
-  for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
-    if value is None:
-      continue
-    if not isinstance(value, Mapping):
-      raise HFConfigError(f"{source}: {key}={value!r}: expected an object or null")
-    rope_type = value.get("rope_type", value.get("type", "default"))
-    if rope_type not in (None, "default"):
-      raise HFConfigError(
-          f"{source}: {key} has rope_type={rope_type!r} ({dict(value)}); the tweetjax model implements plain RoPE "
-          "(rope_theta only), so this checkpoint would compute different attention; only 'default' is supported")
-    if value.get("rope_theta") is not None:
-      theta = value["rope_theta"]
-  return float(10_000.0 if theta is None else theta)
-
-
-def _check_unsupported(hf: Mapping[str, Any], source: str) -> None:
-  model_type = hf.get("model_type")
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise HFConfigError(f"{source}: model_type={model_type!r}; expected one of {list(SUPPORTED_MODEL_TYPES)} "
-                        "(the Llama architecture: RMSNorm, RoPE, GQA attention, SwiGLU MLP)")
-  act = hf.get("hidden_act", "silu")
-  if act not in ("silu", "swish"):
-    raise HFConfigError(f"{source}: hidden_act={act!r}; the tweetjax MLP is SwiGLU (silu) only")
-  for key in ("attention_bias", "mlp_bias"):
-    if hf.get(key):
-      raise HFConfigError(f"{source}: {key}=true; the tweetjax model has no bias terms")
-  if hf.get("sliding_window") is not None and hf.get("use_sliding_window", True):
-    raise HFConfigError(f"{source}: sliding_window={hf['sliding_window']}; tweetjax attention is full causal")
-  if hf.get("quantization_config"):
-    raise HFConfigError(f"{source}: quantization_config is set; import a non-quantized checkpoint")
-  for key in ("num_local_experts", "num_experts", "n_routed_experts"):
-    if hf.get(key):
-      raise HFConfigError(f"{source}: {key}={hf[key]}: mixture-of-experts checkpoints are not Llama checkpoints")
-
-
 def model_overrides_from_hf(hf: Mapping[str, Any], *, vocab_multiple: int = DEFAULT_VOCAB_MULTIPLE,
                             source: str = "config.json") -> dict[str, Any]:
   """`config.model` values reproducing the HF model; vocab padded up to a multiple of `vocab_multiple`."""
-  _check_unsupported(hf, source)
+  family = hf_fields.check_fields(hf, source)
   missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                          "vocab_size") if hf.get(k) is None]
   if missing:
@@ -102,7 +61,8 @@ def model_overrides_from_hf(hf: Mapping[str, Any], *, vocab_multiple: int = DEFA
       num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
       head_dim=int(head_dim),
       mlp_dim=int(hf["intermediate_size"]),
-      rope_theta=_rope(hf, source),
+      **hf_fields.rope_overrides(hf, source),
+      qkv_bias=family.qkv_bias,
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       norm_style="pre",
@@ -111,8 +71,20 @@ def model_overrides_from_hf(hf: Mapping[str, Any], *, vocab_multiple: int = DEFA
   )
 
 
-def check_exportable(cfg: ModelConfig) -> None:
-  """Refuses tweetjax features that `LlamaForCausalLM` cannot express."""
+def export_model_type(cfg: ModelConfig, model_type: str | None = None) -> str:
+  """The HF family `cfg` exports as: `model_type` if given (e.g. the imported one), else qwen2 with q/k/v biases,
+  llama without."""
+  model_type = model_type or ("qwen2" if cfg.qkv_bias else "llama")
+  if model_type not in FAMILIES:
+    raise HFConfigError(f"cannot export as model_type={model_type!r}; expected one of {list(FAMILIES)}")
+  if FAMILIES[model_type].qkv_bias != cfg.qkv_bias:
+    raise HFConfigError(f"cannot export config.model.qkv_bias={cfg.qkv_bias} as {model_type!r} (q/k/v biases: "
+                        f"{FAMILIES[model_type].qkv_bias})")
+  return model_type
+
+
+def check_exportable(cfg: ModelConfig, model_type: str | None = None) -> str:
+  """Refuses tweetjax features the HF family cannot express; returns the family exported as."""
   problems = []
   if cfg.norm_style != "pre":
     problems.append(f"norm_style={cfg.norm_style!r} (Llama has pre-norm only)")
@@ -124,19 +96,28 @@ def check_exportable(cfg: ModelConfig) -> None:
     problems.append(f"num_experts={cfg.num_experts} (Llama has dense MLPs only)")
   if problems:
     raise HFConfigError("cannot export to Hugging Face Llama: config.model has " + "; ".join(problems))
+  return export_model_type(cfg, model_type)
 
 
 def hf_config_from_model(cfg: ModelConfig, *, vocab_size: int | None = None, torch_dtype: str = "float32",
                          max_position_embeddings: int = 4096, bos_token_id: int | None = 1,
-                         eos_token_id: int | None = 2, pad_token_id: int | None = None) -> dict[str, Any]:
-  """A `LlamaForCausalLM` config.json for `cfg`; `vocab_size` drops vocab padding added at import."""
-  check_exportable(cfg)
+                         eos_token_id: int | list[int] | None = 2, pad_token_id: int | None = None,
+                         model_type: str | None = None) -> dict[str, Any]:
+  """A `LlamaForCausalLM` (or Mistral, Qwen2: `model_type`, see export_model_type) config.json for `cfg`;
+  `vocab_size` drops vocab padding added at import."""
+  model_type = check_exportable(cfg, model_type)
   vocab_size = cfg.vocab_size if vocab_size is None else int(vocab_size)
   if not 0 < vocab_size <= cfg.vocab_size:
     raise HFConfigError(f"export vocab_size={vocab_size} must be in [1, config.model.vocab_size={cfg.vocab_size}]")
+  family_fields = {
+      "llama": {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1},
+      "mistral": {"sliding_window": None},
+      "qwen2": {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.num_layers,
+                "layer_types": ["full_attention"] * cfg.num_layers},
+  }[model_type]
   return {
-      "architectures": ["LlamaForCausalLM"],
-      "model_type": "llama",
+      "architectures": [FAMILIES[model_type].architecture],
+      "model_type": model_type,
       "vocab_size": vocab_size,
       "hidden_size": cfg.d_model,
       "intermediate_size": cfg.mlp_dim,
@@ -146,15 +127,10 @@ def hf_config_from_model(cfg: ModelConfig, *, vocab_size: int | None = None, tor
       "head_dim": cfg.head_dim,
       "hidden_act": "silu",
       "rms_norm_eps": cfg.norm_eps,
-      # Both spellings: transformers>=5 reads rope_parameters, older releases rope_theta/rope_scaling.
-      "rope_theta": cfg.rope_theta,
-      "rope_scaling": None,
-      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      **hf_fields.rope_fields(cfg),
       "tie_word_embeddings": cfg.tie_embeddings,
-      "attention_bias": False,
+      **family_fields,
       "attention_dropout": 0.0,
-      "mlp_bias": False,
-      "pretraining_tp": 1,
       "max_position_embeddings": int(max_position_embeddings),
       "initializer_range": cfg.init_std,
       "bos_token_id": bos_token_id,

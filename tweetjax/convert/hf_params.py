@@ -1,10 +1,11 @@
-"""Tensor-by-tensor mapping between Hugging Face Llama weights and tweetjax params.
+"""Tensor-by-tensor mapping between Hugging Face Llama / Mistral / Qwen2 weights and tweetjax params.
 
 Dims: N layers, D d_model, H query heads, K kv heads, Dh head dim, F mlp, V vocab (tweetjax, possibly padded),
 Vhf the Hugging Face vocab.
 
 HF stores torch Linear weights as [out, in]; tweetjax stores kernels as [in, out] with the head axes split out:
   q/k/v_proj [H*Dh, D] -> query/key/value [D, H, Dh]      o_proj [D, H*Dh] -> out [H, Dh, D]
+  q/k/v_proj.bias [H*Dh] -> query/key/value_bias [H, Dh]   (Qwen2; config.model.qkv_bias)
   gate/up_proj [F, D] -> gate/up [D, F]                   down_proj [D, F] -> down [F, D]
   embed_tokens [Vhf, D] -> embedding [V, D]               lm_head [Vhf, D] -> lm_head [D, V]
 HF's Llama q/k projections already produce the rotate-half RoPE layout tweetjax uses (the permutation from Meta's
@@ -32,7 +33,7 @@ IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv
 class TensorMap:
   """How one tweetjax param (one layer of it, for stacked params) relates to one HF tensor."""
   hf_name: str  # "{layer}" is replaced by the layer number
-  kind: str  # copy | transpose | in_heads | heads_in | embed | lm_head
+  kind: str  # copy | transpose | in_heads | heads_in | heads_bias | embed | lm_head
 
 
 LAYER_PARAMS = {
@@ -40,6 +41,9 @@ LAYER_PARAMS = {
     "attention/key": TensorMap("model.layers.{layer}.self_attn.k_proj.weight", "in_heads"),
     "attention/value": TensorMap("model.layers.{layer}.self_attn.v_proj.weight", "in_heads"),
     "attention/out": TensorMap("model.layers.{layer}.self_attn.o_proj.weight", "heads_in"),
+    "attention/query_bias": TensorMap("model.layers.{layer}.self_attn.q_proj.bias", "heads_bias"),
+    "attention/key_bias": TensorMap("model.layers.{layer}.self_attn.k_proj.bias", "heads_bias"),
+    "attention/value_bias": TensorMap("model.layers.{layer}.self_attn.v_proj.bias", "heads_bias"),
     "attention_norm/scale": TensorMap("model.layers.{layer}.input_layernorm.weight", "copy"),
     "mlp_norm/scale": TensorMap("model.layers.{layer}.post_attention_layernorm.weight", "copy"),
     "mlp/gate": TensorMap("model.layers.{layer}.mlp.gate_proj.weight", "transpose"),
@@ -94,8 +98,8 @@ def param_specs(params: Any, num_layers: int) -> tuple[list[ParamSpec], list[Any
       unknown.append(joined)
   if unknown:
     raise CheckpointFileError(
-        f"tweetjax params {unknown} have no Hugging Face Llama counterpart (sandwich norms and MoE experts are not "
-        "part of LlamaForCausalLM)")
+        f"tweetjax params {unknown} have no Hugging Face Llama/Mistral/Qwen2 counterpart (sandwich norms and MoE "
+        "experts are not part of those models)")
   return specs, [leaf for _, leaf in flat], treedef
 
 
@@ -124,6 +128,10 @@ def read_block(read: Callable[[str, Index], np.ndarray], tensor: TensorMap, hf_n
   if kind == "transpose":
     s_in, s_out = index
     return read(hf_name, (s_out, s_in)).T
+  if kind == "heads_bias":
+    s_h, s_k = index
+    rows = slice(s_h.start * head_dim, s_h.stop * head_dim)
+    return read(hf_name, (rows,)).reshape(s_h.stop - s_h.start, head_dim)[:, s_k]
   if kind in ("in_heads", "heads_in"):
     if kind == "in_heads":
       s_d, s_h, s_k = index
@@ -156,6 +164,8 @@ def expected_hf_shape(tensor: TensorMap, shape: Sequence[int], hf_vocab: int) ->
     return (shape[1] * shape[2], shape[0])
   if kind == "heads_in":
     return (shape[2], shape[0] * shape[1])
+  if kind == "heads_bias":
+    return (shape[0] * shape[1],)
   if kind == "embed":
     return (hf_vocab, shape[1])
   return (hf_vocab, shape[0])  # lm_head
@@ -192,6 +202,8 @@ def to_hf_tensor(tensor: TensorMap, layer_param: np.ndarray, hf_vocab: int) -> n
     return x.reshape(x.shape[0], -1).T
   if kind == "heads_in":
     return x.reshape(-1, x.shape[-1]).T
+  if kind == "heads_bias":
+    return x.reshape(-1)
   if kind == "embed":
     return x[:hf_vocab]
   if kind == "lm_head":

@@ -7,6 +7,7 @@ jitted functions) is built once and reused for every checkpoint a follower evalu
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from typing import Any, Callable
 
@@ -32,7 +33,7 @@ class Evaluator:
   """Evaluates checkpoints of one workdir with one config; keeps the compiled functions between checkpoints."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, experiment: Experiment | None = None):
-    self.config, self.workdir = config, workdir
+    self.config, self.workdir = config, os.path.abspath(workdir)
     self.experiment = experiment or build_experiment(config)
     self.tokenizer = common.load_tokenizer(config)
     self.cache: dict[str, Any] = {}

@@ -9,6 +9,8 @@ positions restart at 0 in every segment, so a packed tweet sees exactly what it 
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,10 +20,30 @@ from tweetjax.model.config import ModelConfig
 from tweetjax.model.layers import constrain, kernel_init, logical_param
 
 
-def apply_rope(x_BxLxHxDh: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, rotate-half convention (first half of the head dim pairs with the second)."""
-  half = x_BxLxHxDh.shape[-1] // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x_BxLxHxDh.shape[-1]))
+def rope_inv_freq(head_dim: int, theta: float, cfg: ModelConfig | None = None) -> jax.Array:
+  """The head_dim // 2 RoPE inverse frequencies theta^(-2i/Dh), rescaled as `cfg.rope_scaling` says (None: plain)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim))
+  if cfg is None or cfg.rope_scaling == "none":
+    return inv_freq
+  factor = cfg.rope_scaling_factor
+  if cfg.rope_scaling == "linear":
+    return inv_freq / factor
+  # llama3: long wavelengths (beyond the pre-training context / low_freq_factor) are stretched by `factor`, short
+  # ones (below context / high_freq_factor) kept, those in between interpolated linearly in context / wavelength.
+  context, low, high = cfg.rope_original_max_position, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  wavelength = 2 * math.pi / inv_freq
+  stretched = jnp.where(wavelength > context / low, inv_freq / factor, inv_freq)
+  smooth = (context / wavelength - low) / (high - low)
+  interpolated = (1 - smooth) * stretched / factor + smooth * stretched
+  medium = (wavelength >= context / high) & (wavelength <= context / low)
+  return jnp.where(medium, interpolated, stretched)
+
+
+def apply_rope(x_BxLxHxDh: jax.Array, positions_BxL: jax.Array, theta: float,
+               cfg: ModelConfig | None = None) -> jax.Array:
+  """Rotary embedding, rotate-half convention (first half of the head dim pairs with the second); `cfg` supplies
+  the frequency scaling (rope_inv_freq)."""
+  inv_freq = rope_inv_freq(x_BxLxHxDh.shape[-1], theta, cfg)
   angles_BxLx1xHalf = (positions_BxL.astype(jnp.float32)[:, :, None] * inv_freq)[:, :, None, :]
   sin, cos = jnp.sin(angles_BxLx1xHalf), jnp.cos(angles_BxLx1xHalf)
   x1, x2 = jnp.split(x_BxLxHxDh.astype(jnp.float32), 2, axis=-1)
@@ -93,9 +115,15 @@ class Attention(nn.Module):
     q_BxLxHxDh = lora.adapt(self, "query", x_BxLxD, q_BxLxHxDh, ("embed", "heads", "head_dim"))
     k_BxLxKxDh = lora.adapt(self, "key", x_BxLxD, k_BxLxKxDh, ("embed", "kv_heads", "head_dim"))
     v_BxLxKxDh = lora.adapt(self, "value", x_BxLxD, v_BxLxKxDh, ("embed", "kv_heads", "head_dim"))
-    q_BxLxHxDh = constrain(apply_rope(q_BxLxHxDh, positions_BxL, cfg.rope_theta),
+    if cfg.qkv_bias:  # Qwen2: biases on the q/k/v projections, none on the output
+      def bias(name, shape, axes):
+        return logical_param(self, name, nn.initializers.zeros, shape, axes, cfg).astype(dt)
+      q_BxLxHxDh = q_BxLxHxDh + bias("query_bias", (H, Dh), ("heads", "head_dim"))
+      k_BxLxKxDh = k_BxLxKxDh + bias("key_bias", (K, Dh), ("kv_heads", "head_dim"))
+      v_BxLxKxDh = v_BxLxKxDh + bias("value_bias", (K, Dh), ("kv_heads", "head_dim"))
+    q_BxLxHxDh = constrain(apply_rope(q_BxLxHxDh, positions_BxL, cfg.rope_theta, cfg),
                            ("act_batch", "act_length", "act_heads", "act_head_dim"))
-    k_BxLxKxDh = constrain(apply_rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta),
+    k_BxLxKxDh = constrain(apply_rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta, cfg),
                            ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
     v_BxLxKxDh = constrain(v_BxLxKxDh, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
 

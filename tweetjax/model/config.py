@@ -11,6 +11,7 @@ REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full")
 ATTENTION_IMPLS = ("xla", "cudnn", "reference")
 NORM_STYLES = ("pre", "sandwich")
 MOE_IMPLS = ("expert_parallel", "dense")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 # Projections LoRA can adapt (param names in Attention and MLP), and the group names config.lora.targets accepts.
 LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
 LORA_GROUPS = {"attention": ("query", "key", "value", "out"), "mlp": ("gate", "up", "down"), "all": LORA_TARGETS}
@@ -65,6 +66,16 @@ class ModelConfig:
   head_dim: int = 16
   mlp_dim: int = 256
   rope_theta: float = 10_000.0
+  # RoPE frequency scaling of long-context checkpoints (tweetjax/model/attention.py rope_inv_freq): "none";
+  # "linear": every inverse frequency divided by rope_scaling_factor; "llama3" (Llama 3.1+): wavelengths longer
+  # than rope_original_max_position / rope_low_freq_factor divided by the factor, shorter than
+  # rope_original_max_position / rope_high_freq_factor kept, interpolated in between.
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # llama3 only
+  rope_high_freq_factor: float = 4.0  # llama3 only
+  rope_original_max_position: int = 8192  # llama3 only: the context length the model was pre-trained with
+  qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2); the output projection has none
   tie_embeddings: bool = False
   norm_style: str = "pre"  # "pre" | "sandwich" (grok-1: norms before and after each sublayer)
   norm_eps: float = 1e-5
@@ -103,9 +114,22 @@ class ModelConfig:
                        f"config.model.vocab_size={self.vocab_size}")
     if self.head_dim % 2:
       raise ValueError(f"config.model.head_dim={self.head_dim}: RoPE needs an even head dimension")
+    self._validate_rope_scaling()
     if self.attention_impl == "cudnn" and self.attn_logit_softcap:
       raise ValueError("config.model.attention_impl='cudnn' cannot apply attn_logit_softcap; use 'xla' or 'reference'")
     self._validate_moe()
+
+  def _validate_rope_scaling(self):
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ValueError(f"config.model.rope_scaling={self.rope_scaling!r}: expected one of {ROPE_SCALINGS}")
+    if self.rope_scaling != "none" and not self.rope_scaling_factor > 0:
+      raise ValueError(f"config.model.rope_scaling_factor={self.rope_scaling_factor}: expected > 0")
+    if self.rope_scaling == "llama3":
+      if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+        raise ValueError(f"config.model.rope_low_freq_factor={self.rope_low_freq_factor} and "
+                         f"rope_high_freq_factor={self.rope_high_freq_factor}: expected 0 < low < high")
+      if self.rope_original_max_position < 1:
+        raise ValueError(f"config.model.rope_original_max_position={self.rope_original_max_position}: expected >= 1")
 
   def _validate_moe(self):
     if self.num_experts < 0:

@@ -61,6 +61,7 @@ class DryRun:
   collectives: dict[str, hlo.CollectiveStats]
   device_memory: float  # bytes available per device (after usable_fraction)
   num_params: int
+  module: hlo.Module | None = dataclasses.field(default=None, repr=False)  # the optimized per-device HLO
 
   @property
   def rows_per_shard(self) -> float:
@@ -130,7 +131,7 @@ def dry_run(config: ml_collections.ConfigDict, *, device_memory_bytes: float = 8
       hlo_dot_flops=hlo.dot_flops(module), xla_cost_flops=flops_lib.compiled_flops(compiled),
       model_flops=flops.train * tokens_per_device, model_flops_dense=flops.train_dense_attention * tokens_per_device,
       collectives=hlo.collective_stats(module), device_memory=device_memory_bytes * usable_fraction,
-      num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(layout.abstract_state.params)))
+      num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(layout.abstract_state.params)), module=module)
 
 
 def _gib(n: float) -> str:
@@ -209,6 +210,7 @@ def search(config: ml_collections.ConfigDict, *, device_memory_bytes: float, usa
       cache[key] = dry_run(_with(config, remat, m, k, shards), device_memory_bytes=device_memory_bytes,
                            usable_fraction=usable_fraction)
       r = cache[key]
+      r.module = None  # the search keeps every run: not their HLO
       log(f"  remat={remat:<14} rows/shard={m:<4} microbatches={k:<3} peak {r.peak / GIB:8.2f} GiB "
           f"{'fits' if r.fits else 'does NOT fit'} (compile {r.compile_s:.0f}s)")
     return cache[key]

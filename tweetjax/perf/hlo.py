@@ -18,6 +18,8 @@ import math
 import re
 from typing import Iterable
 
+import numpy as np
+
 DTYPE_BYTES = {
     "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8,
     "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1,
@@ -172,6 +174,61 @@ def group_size(attrs: str, default: int = 1) -> int:
   if m:
     return len([x for x in m.group(1).split(",") if x])
   return default
+
+
+def _iota(dims: list[int], perm: list[int] | None) -> "np.ndarray":
+  ids = np.arange(math.prod(dims)).reshape(dims)
+  return ids.transpose(perm) if perm else ids
+
+
+def _ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(",") if x.strip()]
+
+
+_IOTA_FULL_RE = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+_DEVICE_IDS_RE = re.compile(r"device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\)")
+
+
+def first_replica_group(attrs: str, num_devices: int) -> list[int]:
+  """Device positions (in the mesh's flattened device order) of the replica group that holds device 0.
+
+  Reads XLA's three spellings: iota `[G,S]<=[dims]T(perm)`, explicit `{{0,2},{1,3}}` (an empty `{}` is one group
+  of all devices), and mesh-based `mesh['a'=2,'b'=4], device_ids=([4,2]T(1,0)) {'b'}`.
+  """
+  m = _MESH_GROUPS_RE.search(attrs)
+  if m:
+    items = [kv.split("=") for kv in m.group(1).split(",")]
+    names = [k.strip().strip("'") for k, _ in items]
+    sizes = [int(v) for _, v in items]
+    ids_m = _DEVICE_IDS_RE.search(attrs)
+    ids = (_iota(_ints(ids_m.group(1)), _ints(ids_m.group(2)) if ids_m.group(2) else None).reshape(sizes)
+           if ids_m else np.arange(math.prod(sizes)).reshape(sizes))
+    grouped = {a.strip().strip("'") for a in m.group(2).split(",") if a.strip()}
+    index = tuple(slice(None) if n in grouped else 0 for n in names)
+    return sorted(int(x) for x in np.asarray(ids[index]).reshape(-1))
+  m = _IOTA_FULL_RE.search(attrs)
+  if m:
+    groups = _iota(_ints(m.group(3)), _ints(m.group(4)) if m.group(4) else None).reshape(int(m.group(1)),
+                                                                                          int(m.group(2)))
+    for row in groups:
+      if 0 in row:
+        return sorted(int(x) for x in row)
+  m = re.search(r"replica_groups=\{(.*?)\}(?:,|$)", attrs)
+  if m:
+    for group in re.findall(r"\{([\d,]*)\}", m.group(0)[len("replica_groups="):]):
+      members = _ints(group)
+      if 0 in members:
+        return sorted(members)
+    if not re.findall(r"\{([\d,]*)\}", m.group(0)[len("replica_groups="):]):
+      return list(range(num_devices))  # replica_groups={}: one group of every device
+  return list(range(num_devices))
+
+
+def group_axes(members: list[int], mesh_shape: dict[str, int]) -> tuple[str, ...]:
+  """Mesh axes along which the members (flattened positions in a mesh of `mesh_shape`, axes in order) differ."""
+  names, sizes = list(mesh_shape), list(mesh_shape.values())
+  coords = np.array(np.unravel_index(np.asarray(members), sizes)).T
+  return tuple(n for i, n in enumerate(names) if len(set(coords[:, i])) > 1)
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -70,6 +70,45 @@ class MemoryEstimate:
     return d
 
 
+@dataclasses.dataclass(frozen=True)
+class Activations:
+  saved: int  # all layers' saved activations of one microbatch
+  transient: int  # the largest layer's forward + backward working set
+  logits: int
+  saved_scores: int  # the L x L part of `saved`
+  transient_scores: int  # the L x L part of `transient`
+
+
+def activations(cfg, b: int, L: int, t_heads: int, t_mlp: int, t_vocab: int, remat: str, dtype_bytes: int,
+                layers: Sequence[int] | None = None) -> Activations:
+  """The activation model of the module docstring for b rows of L tokens per device (layers: default all).
+
+  `cfg` is a ModelConfig or anything with its shape fields, is_moe_layer() and moe_mlp_dim.
+  """
+  D, H, K, Dh, V = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+  a = dtype_bytes
+  saved, transient, saved_scores, transient_scores = 0, 0, 0, 0
+  for layer in range(cfg.num_layers) if layers is None else layers:
+    F = cfg.mlp_dim
+    if cfg.is_moe_layer(layer):
+      F = int(cfg.experts_per_token * max(cfg.capacity_factor, 1.0) * cfg.moe_mlp_dim)
+    x = b * L * D * a
+    dots_no_batch = x + b * L * (3 * D + (H + 2 * K) * Dh // t_heads + 2 * F // t_mlp) * a
+    scores = b * (H // t_heads) * L * L
+    per_policy = {
+        "full": x,
+        "dots_no_batch": dots_no_batch,
+        "dots": dots_no_batch + scores * a,
+        "none": dots_no_batch + scores * a + 2 * b * L * D * 4 + scores * 4 + 2 * b * L * F // t_mlp * a,
+    }
+    saved += per_policy[remat]
+    saved_scores += {"full": 0, "dots_no_batch": 0, "dots": scores * a, "none": scores * (a + 4)}[remat]
+    transient = max(transient, 3 * scores * 4 + 4 * b * L * F // t_mlp * 4 + 6 * b * L * D * 4)
+    transient_scores = 3 * scores * 4
+  logits = b * L * (V // t_vocab) * (a + 8)
+  return Activations(saved, transient, logits, saved_scores, transient_scores)
+
+
 def estimate(experiment, global_batch: int, microbatches: int) -> MemoryEstimate:
   cfg = experiment.model_config
   mesh, rules, layout = experiment.mesh, experiment.rules, experiment.layout
@@ -83,28 +122,8 @@ def estimate(experiment, global_batch: int, microbatches: int) -> MemoryEstimate
 
   batch_shards = axis_size(mesh, mesh_axes_of("act_batch", rules))
   b = max(global_batch // microbatches // batch_shards, 1)
-  L, D, H, K, Dh, V = experiment.seq_len, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-  t_heads = axis_size(mesh, mesh_axes_of("act_heads", rules))
-  t_mlp = axis_size(mesh, mesh_axes_of("act_mlp", rules))
-  t_vocab = axis_size(mesh, mesh_axes_of("act_vocab", rules))
-  a = np.dtype(cfg.dtype).itemsize
-  saved, transient, saved_scores, transient_scores = 0, 0, 0, 0
-  for layer in range(cfg.num_layers):
-    F = cfg.mlp_dim
-    if cfg.is_moe_layer(layer):
-      F = int(cfg.experts_per_token * max(cfg.capacity_factor, 1.0) * cfg.moe_mlp_dim)
-    x = b * L * D * a
-    dots_no_batch = x + b * L * (3 * D + (H + 2 * K) * Dh // t_heads + 2 * F // t_mlp) * a
-    scores = b * (H // t_heads) * L * L
-    per_policy = {
-        "full": x,
-        "dots_no_batch": dots_no_batch,
-        "dots": dots_no_batch + scores * a,
-        "none": dots_no_batch + scores * a + 2 * b * L * D * 4 + scores * 4 + 2 * b * L * F // t_mlp * a,
-    }
-    saved += per_policy[cfg.remat_policy]
-    saved_scores += {"full": 0, "dots_no_batch": 0, "dots": scores * a, "none": scores * (a + 4)}[cfg.remat_policy]
-    transient = max(transient, 3 * scores * 4 + 4 * b * L * F // t_mlp * 4 + 6 * b * L * D * 4)
-    transient_scores = 3 * scores * 4
-  logits = b * L * (V // t_vocab) * (a + 8)
-  return MemoryEstimate(params, optimizer, gradients, saved, transient, logits, saved_scores + transient_scores)
+  act = activations(cfg, b, experiment.seq_len, axis_size(mesh, mesh_axes_of("act_heads", rules)),
+                    axis_size(mesh, mesh_axes_of("act_mlp", rules)), axis_size(mesh, mesh_axes_of("act_vocab", rules)),
+                    cfg.remat_policy, np.dtype(cfg.dtype).itemsize)
+  return MemoryEstimate(params, optimizer, gradients, act.saved, act.transient, act.logits,
+                        act.saved_scores + act.transient_scores)

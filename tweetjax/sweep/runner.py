@@ -27,6 +27,8 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 from absl import logging
 
+from tweetjax import paths
+from tweetjax.config_check import check_config
 from tweetjax.perf.env import with_fake_devices
 from tweetjax.sweep import spec
 
@@ -66,9 +68,11 @@ def plan(config_path: str, workdir: str, devices_per_point: int = 0) -> list[Poi
   base = spec.load_config(config_path)
   points = []
   for name, overrides in spec.load_sweep(config_path):
+    overrides = {key: paths.absolute_override(key, value) for key, value in overrides.items()}
     point = Point(name, overrides, os.path.join(workdir, name), None)
     try:
       point.config = spec.apply_overrides(base, overrides)
+      check_config(point.config)  # every point's values, before any point starts
     except (KeyError, TypeError, ValueError) as e:
       point.error = f"invalid override: {e}"
       points.append(point)

@@ -10,9 +10,10 @@
 Saves are asynchronous: device arrays are copied to host before `save` returns (so the caller may donate them to
 the next step) and the files are written in the background. Orbax writes a step into a temporary directory and
 renames it when complete, so a crash mid-save leaves only a `<step>.orbax-checkpoint-tmp-*` directory, which the next
-start moves to `<workdir>/checkpoints_incomplete/`. A complete step that cannot be read is moved to
-`<workdir>/checkpoints_corrupt/` and the previous step is used. Nothing is ever deleted except by the
-keep-last-k / keep-every-M policy.
+start moves to `<workdir>/checkpoints_incomplete/`, which keeps the newest `keep_incomplete` of them (older ones are
+deleted, and logged: a run preempted mid-save many times would otherwise fill the disk with partial states). A
+complete step that cannot be read is moved to `<workdir>/checkpoints_corrupt/` and the previous step is used; those
+are never deleted. Complete checkpoints are deleted only by the keep-last-k / keep-every-M policy.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ def _tree_restore(abstract: Any) -> ocp.args.PyTreeRestore:
 
 
 def checkpoints_dir(path: str) -> str:
-  """`path` may be a workdir (holding `checkpoints/`) or the checkpoints directory itself."""
+  """`path` may be a workdir (holding `checkpoints/`) or the checkpoints directory itself; absolute either way."""
+  path = os.path.abspath(path)
   candidate = os.path.join(path, CHECKPOINTS)
   return candidate if os.path.isdir(candidate) else path
 
@@ -160,10 +162,13 @@ class CheckpointManager:
   """Async save, keep-last-k plus keep-every-M, and restore of the newest readable step onto any mesh."""
 
   def __init__(self, workdir: str, *, every_steps: int = 0, max_to_keep: int = 3, keep_every_steps: int = 0,
-               async_save: bool = True):
-    self.workdir = workdir
+               async_save: bool = True, keep_incomplete: int = 3):
+    self.workdir = os.path.abspath(workdir)  # orbax refuses relative paths
     self.directory = os.path.join(workdir, CHECKPOINTS)
     self.every_steps = int(every_steps)
+    self.keep_incomplete = int(keep_incomplete)
+    if self.keep_incomplete < 0:
+      raise ValueError(f"config.checkpoint.keep_incomplete={keep_incomplete}: expected >= 0 (0 keeps none)")
     policies = [preservation_lib.LatestN(n=max_to_keep if max_to_keep > 0 else None)]
     if keep_every_steps > 0:
       policies.append(preservation_lib.EveryNSteps(interval_steps=keep_every_steps))
@@ -179,7 +184,8 @@ class CheckpointManager:
   def from_config(cls, workdir: str, config) -> "CheckpointManager":
     c = config.checkpoint
     return cls(workdir, every_steps=int(c.every_steps), max_to_keep=int(c.max_to_keep),
-               keep_every_steps=int(c.keep_every_steps), async_save=bool(c.async_save))
+               keep_every_steps=int(c.keep_every_steps), async_save=bool(c.async_save),
+               keep_incomplete=int(c.keep_incomplete))
 
   # -- saving ------------------------------------------------------------------------------------------------------
 
@@ -283,6 +289,23 @@ class CheckpointManager:
         logging.warning("%s/%s is an incomplete checkpoint (a save was interrupted); it is not used",
                         self.directory, name)
         self._set_aside(os.path.join(self.directory, name), INCOMPLETE)
+    self.prune_incomplete()
+
+  def prune_incomplete(self) -> list[str]:
+    """Deletes all but the newest `keep_incomplete` set-aside incomplete checkpoints; returns what was deleted."""
+    where = os.path.join(self.workdir, INCOMPLETE)
+    removed = []
+    if jax.process_index() == 0 and os.path.isdir(where):
+      entries = sorted((os.stat(os.path.join(where, name)).st_mtime, name) for name in os.listdir(where))
+      for _, name in entries[:max(0, len(entries) - self.keep_incomplete)]:
+        shutil.rmtree(os.path.join(where, name), ignore_errors=True)
+        removed.append(name)
+      if removed:
+        logging.warning("removed %d older incomplete checkpoint(s) from %s (checkpoint.keep_incomplete=%d): %s",
+                        len(removed), where, self.keep_incomplete, ", ".join(removed))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("tweetjax_prune_incomplete")
+    return removed
 
   def _set_aside(self, path: str, where: str) -> None:
     if jax.process_index() == 0 and os.path.exists(path):
@@ -292,6 +315,7 @@ class CheckpointManager:
       while os.path.exists(target):
         target += "_"
       shutil.move(path, target)
+      os.utime(target)  # mtime = when it was set aside: the order prune_incomplete keeps the newest by
       logging.warning("moved %s to %s", path, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"tweetjax_set_aside_{os.path.basename(path)}")

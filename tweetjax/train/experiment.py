@@ -14,6 +14,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from tweetjax.config_check import check_config
 from tweetjax.model import lora
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.transformer import Transformer
@@ -73,6 +74,7 @@ def validate_batch(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules) 
 
 def build_experiment(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
                      mesh: Mesh | None = None) -> Experiment:
+  check_config(config)  # every key's value, all bad keys in one error, before any device or compile
   mesh = make_mesh(config.mesh, devices) if mesh is None else mesh
   rules = normalize_rules(config.logical_axis_rules)
   model_config = ModelConfig.from_config(config.model, config.get("lora"))

@@ -9,6 +9,7 @@ backend and mesh, and metrics.jsonl is rewound to that checkpoint.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from tweetjax.config_check import check_config
 from tweetjax.data.token_stream import TokenStreamIterator
 from tweetjax.parallel.rules import mesh_context
 from tweetjax.train import flops as flops_lib
@@ -26,7 +28,6 @@ from tweetjax.train.metrics import MetricsWriter, format_duration, summarize_win
 from tweetjax.train.preemption import PreemptionWatcher
 from tweetjax.train.profiling import StepProfiler, aot_compile, setup_compilation_cache
 
-NONFINITE_MODES = ("skip", "stop")
 _EVAL_STREAM = 1  # synthetic validation: same Markov chain as training, documents drawn from another stream
 
 
@@ -102,9 +103,8 @@ def _log_config_change(saved: dict[str, Any] | None, config: ml_collections.Conf
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to config.train.steps (resuming from `workdir` if it holds a checkpoint); returns the last metrics."""
-  nonfinite_mode = str(config.train.nonfinite)
-  if nonfinite_mode not in NONFINITE_MODES:
-    raise ValueError(f"config.train.nonfinite={nonfinite_mode!r}: expected one of {NONFINITE_MODES}")
+  check_config(config)  # every bad key in one error, before the watcher, the compilation cache or the mesh
+  workdir = os.path.abspath(workdir)  # tools pass it absolute already; library callers may not
   # Watch for SIGTERM from the start: a preemption during start-up then stops after the first step, with a save.
   watcher = PreemptionWatcher(int(config.train.preemption_check_every))
   try:

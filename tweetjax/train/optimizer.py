@@ -8,7 +8,7 @@ import jax
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
-# Norm scales and biases do not decay; every other leaf does. Matching by exclusion means a new weight matrix (a
+# Norm scales and biases ("bias", "<projection>_bias") do not decay; every other leaf does. Matching by exclusion means a new weight matrix (a
 # MoE router, an adapter) decays by default instead of silently escaping regularisation. Dimensionality cannot decide
 # this: with scanned layers a norm scale is [num_layers, D].
 UNDECAYED_PARAM_NAMES = frozenset({"scale", "bias"})
@@ -33,7 +33,10 @@ def learning_rate_schedule(opt: Mapping[str, Any], total_steps: int) -> optax.Sc
 
 
 def weight_decay_mask(params: Any) -> Any:
-  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) not in UNDECAYED_PARAM_NAMES, params)
+  def decays(path, _):
+    name = _leaf_name(path)
+    return name not in UNDECAYED_PARAM_NAMES and not name.endswith("_bias")
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def _leaf_name(path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 PANELS = (("loss", ("loss", "eval_loss")), ("grad norm", ("grad_norm",)), ("learning rate", ("learning_rate",)),
@@ -27,5 +28,6 @@ def plot_curves(rows: Sequence[dict[str, Any]], out: str) -> None:
     if len(keys) > 1:
       ax.legend()
   fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.savefig(out, dpi=100)
   plt.close(fig)
