@@ -1,23 +1,17 @@
 """Fine-tuned models in the product jobs: the eval-set builder's SFT sets (held-out splits), a LoRA fine-tune of the
-trained tiny fixture through the training loop, the ad-copy / flagging jobs reporting it against its base, and its
-merged checkpoint."""
+trained tiny fixture through the training loop, and the ad-copy / flagging jobs reporting it against its base."""
 
 import collections
 import json
 import os
 
-import jax
 import ml_collections
-import numpy as np
 import pytest
 
-from tweetjax.convert import hf as hf_convert
 from tweetjax.data import sft
 from tweetjax.evaluate import eval_sets, sft_sets
 from tweetjax.evaluate.runner import Evaluator
-from tweetjax.model import lora
-from tweetjax.train import loop, merge_lora
-from tweetjax.train.checkpoint import restore_params
+from tweetjax.train import loop
 
 pytestmark = pytest.mark.slow
 FT_STEPS = 60
@@ -66,7 +60,7 @@ def lora_run(setup, tmp_path_factory):
   return config, workdir
 
 
-def test_fine_tuned_beats_its_base(lora_run, evaluator):
+def test_fine_tuned_beats_its_base(lora_run):
   config, workdir = lora_run
   lora_evaluator = Evaluator(config, workdir)
   _, adcopy, _ = lora_evaluator.evaluate("adcopy", write=False)
@@ -78,14 +72,3 @@ def test_fine_tuned_beats_its_base(lora_run, evaluator):
   # same states: 0.976); 60 steps are far from what flagging needs (150 full fine-tuning steps: 0.89).
   assert flagging["generative/macro_auc"] > flagging["generative/base_macro_auc"] + 0.1
   assert {"probe/macro_auc", "generative/toxicity/f1", "generative/base_macro_f1"} <= set(flagging)
-
-  # The merged checkpoint: a plain tiny checkpoint of the folded kernels (tests/model/test_lora.py checks that
-  # merged kernels compute the adapted model), with the config minus LoRA saved next to it.
-  merged_dir = os.path.join(workdir, "merged")
-  result = merge_lora.merge_checkpoint(config, workdir, merged_dir)
-  assert result["step"] == FT_STEPS and hf_convert.saved_config(merged_dir).lora.rank == 0
-  merged = jax.device_get(restore_params(merged_dir, evaluator.experiment.layout, FT_STEPS))
-  adapted = jax.device_get(restore_params(workdir, lora_evaluator.experiment.layout, FT_STEPS))
-  want = lora.merge(adapted, lora_evaluator.experiment.model_config.lora.scale)
-  for (path, got), expected in zip(jax.tree_util.tree_leaves_with_path(merged), jax.tree.leaves(want)):
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
