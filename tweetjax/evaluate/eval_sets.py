@@ -25,6 +25,8 @@ examples carry labels (toxicity/spam/misinformation, topic, audience), e.g. the 
             whose histories and candidates are all train tweets, so the ranking head never sees an eval candidate;
   adcopy    one prompt per (audience, topic): an audience phrase and a product word; references are validation tweets
             of that audience and topic.
+It also writes the product fine-tuning sets (ad copy, flagging as generation, replies; SFT JSONL with held-out
+splits) under `<out_dir>/sft/`: tweetjax/evaluate/sft_sets.py.
 """
 
 from __future__ import annotations
@@ -274,6 +276,9 @@ def build_eval_sets(dataset_dir: str, out_dir: str, seed: int = 0, overwrite: bo
   os.makedirs(os.path.join(out_dir, sft_sets.DIR), exist_ok=True)
   for name, rows in records.items():
     _write(os.path.join(out_dir, name), rows)
+  for name in set(names) - set(records):  # a replaced build's fine-tuning set this dataset no longer yields
+    if os.path.exists(os.path.join(out_dir, name)):
+      os.remove(os.path.join(out_dir, name))
   return {name: len(rows) for name, rows in records.items()}
 
 

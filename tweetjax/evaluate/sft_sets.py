@@ -12,6 +12,7 @@ Written by `tools/evaluate.py --build_eval_sets` (`eval_sets.build_eval_sets`) i
                                    split). Fields: id, label.
   reply_train / reply_eval         reply generation: `reply_prompt(parent)` -> the reply, for every reply whose
                                    parent is in the dataset; split by the reply's split. Fields: id, parent_id.
+A set the dataset yields no records for (no replies, no audience labels...) is not written (logged).
 The eval jobs build their prompts with the same functions (tweetjax/evaluate/finetuned.py), so a model fine-tuned
 on these files is scored in the format it learned.
 """
@@ -22,6 +23,8 @@ import collections
 import os
 import random
 from typing import Any
+
+from absl import logging
 
 from tweetjax.evaluate import eval_sets
 
@@ -103,10 +106,10 @@ def make_sft_sets(train: list[dict[str, Any]], validation: list[dict[str, Any]],
          "reply_train.jsonl": _replies(train, text_by_id, max_examples),
          "reply_eval.jsonl": _replies(validation, text_by_id, max_examples)}
   empty = sorted(name for name, records in out.items() if not records)
-  if empty:
-    raise eval_sets.EvalSetError(f"the dataset yields no fine-tuning records for {empty}: it needs labeled tweets "
-                                 "(audience, topic, flagging labels) and replies in both splits")
-  return out
+  if empty:  # the eval sets stand without them: a dataset without replies, say, still gets everything else
+    logging.warning("the dataset yields no fine-tuning records for %s (they need labeled tweets: audience, topic, "
+                    "flagging labels; and replies whose parent is in the dataset): not written", empty)
+  return {name: records for name, records in out.items() if records}
 
 
 def path(data_dir: str, name: str) -> str:
