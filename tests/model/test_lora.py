@@ -54,29 +54,32 @@ def _config(mesh):
   return config
 
 
-def _train(mesh, devices, params):
-  """params: numpy arrays of their own (on the CPU device_put may alias them, and the train step donates its state)."""
+def _train(mesh, devices, params=None):
+  """STEPS steps from `params` (numpy arrays of their own: on the CPU device_put may alias them, and the train step
+  donates its state), or from a fresh init; returns (experiment, init params, final state, losses)."""
   experiment = build_experiment(_config(mesh), devices=devices)
-  state = state_from_params(params, experiment.tx, experiment.layout, experiment.mesh, experiment.rules)
+  if params is None:
+    state = experiment.init_state()
+    params = jax.tree.map(np.array, jax.device_get(state.params))
+  else:
+    state = state_from_params(params, experiment.tx, experiment.layout, experiment.mesh, experiment.rules)
   step = experiment.train_step()
   losses = []
   for batch in itertools.islice(TokenStreamIterator(0, 8, 32, 1024, experiment.mesh), STEPS):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
-  return experiment, state, losses
+  return experiment, params, state, losses
 
 
 @pytest.fixture(scope="module")
 def one_device():
-  """A fresh init, and (experiment, state, losses) after STEPS steps from it with perturbed adapters."""
-  experiment = build_experiment(_config({}), devices=jax.devices()[:1])
-  params = jax.device_get(experiment.init_state().params)
-  return params, _train({}, jax.devices()[:1], _perturbed(params))
+  """(experiment, a fresh init, the state after STEPS steps from it, the losses) on one device. B starts at zero,
+  so step 1 moves only B; from step 2 on A moves too."""
+  return _train({}, jax.devices()[:1])
 
 
 def test_step0_equals_base_and_merged_equals_adapted(one_device):
-  params = one_device[0]  # a fresh init: every B is zero
-  experiment = one_device[1][0]
+  experiment, params = one_device[:2]  # a fresh init: every B is zero
   cfg = experiment.model_config
   base_model = Transformer(dataclasses.replace(cfg, lora=LoraConfig()))
   ids = jax.random.randint(jax.random.key(0), (2, 16), 0, cfg.vocab_size)
@@ -96,7 +99,7 @@ def test_step0_equals_base_and_merged_equals_adapted(one_device):
 
 
 def test_only_adapters_train_and_hold_optimizer_state(one_device):
-  params, (experiment, state, losses) = one_device
+  _, params, state, _ = one_device
   new = jax.device_get(state.params)
   mask = lora.adapter_mask(params)
   for (path, before), after, is_adapter in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(new),
@@ -105,7 +108,6 @@ def test_only_adapters_train_and_hold_optimizer_state(one_device):
       assert not np.array_equal(before, after), jax.tree_util.keystr(path)
     else:
       np.testing.assert_array_equal(before, after, err_msg=jax.tree_util.keystr(path))
-  assert losses[-1] < losses[0]
   # The optimizer state's arrays: the Adam moments of the adapters (mu and nu) and step counts; nothing for base weights.
   adapter_shapes = sorted(x.shape for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m)
   opt_leaves = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(state.opt_state)]
@@ -115,8 +117,8 @@ def test_only_adapters_train_and_hold_optimizer_state(one_device):
 
 
 def test_sharded_mesh_equals_one_device_and_shards_adapters(one_device):
-  params, (_, want_state, want_losses) = one_device
-  experiment, state, losses = _train({"data": 2, "fsdp": 2, "tensor": 2}, None, _perturbed(params))
+  _, params, want_state, want_losses = one_device
+  experiment, _, state, losses = _train({"data": 2, "fsdp": 2, "tensor": 2}, None, jax.tree.map(np.array, params))
   np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
   got, want = jax.device_get(state.params), jax.device_get(want_state.params)
   # Per leaf, as in tests/train/test_equivalence.py: |got - want| / |want| over the whole array (3 AdamW steps).
