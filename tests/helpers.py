@@ -38,3 +38,14 @@ def assert_trees_close(actual, expected, rtol: float, atol: float = 0.0, what: s
   for (path, a), (_, e) in zip(flat_a, flat_e):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol,
                                err_msg=f"{what} at {jax.tree_util.keystr(path)}")
+
+
+def next_batches(iterator, n: int) -> list:
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b) -> None:
+  """Two sequences of batch dicts are equal, array by array."""
+  for x, y in zip(a, b, strict=True):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)

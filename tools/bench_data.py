@@ -1,8 +1,15 @@
-"""Data throughput: normalize, tokenize and pack, in tweets per CPU-second of one core, and packing efficiency.
+"""Data throughput: the loader's normalize/tokenize/pack per core, or the dataset build of either engine.
 
   python tools/bench_data.py                       # synthetic tweets, tokenizer trained on the fly
   python tools/bench_data.py --dataset_dir=/data/tweets --tokenizer=/data/tweets/tokenizer.model
+  python tools/bench_data.py --engine=beam --num_tweets=200000 [--workers=1,2] [--work_dir=/tmp/bench_build]
 
+--engine=beam|local builds a synthetic corpus of --num_tweets (written once into --work_dir, in parts of 200k
+tweets with disjoint ids) with tools/build_dataset.py in a subprocess: for beam once per --workers count
+(DirectRunner, multi_processing), then with the local engine for comparison (--compare_local). Prints tweets/s
+(wall), tweets per CPU-second of all processes, and the peak RSS (VmHWM) of the driver and of each worker.
+
+Loader mode:
 Rates are tweets per second of process CPU time (`time.process_time()`, all threads; the process is pinned to one
 core), so other load on the machine slows them less than wall time; wall-clock rates and the load average are
 printed next to them. Each stage keeps its best of `--repeats` passes over the tweets.
@@ -11,8 +18,14 @@ the build already normalized, so it only tokenizes and packs (it normalizes agai
 differs from the build's options, see tweetjax/data/pipeline.py).
 """
 
+import json
 import os
+import resource
+import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 
 from absl import app, flags
@@ -25,6 +38,12 @@ _NUM_TWEETS = flags.DEFINE_integer("num_tweets", 50_000, "Tweets to process.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Packed sequence length.")
 _WINDOW = flags.DEFINE_integer("pack_window", 4096, "Documents per packing window (the loader's default).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Passes over the tweets; each stage reports its fastest pass.")
+
+_ENGINE = flags.DEFINE_enum("engine", None, ["beam", "local"], "Benchmark the dataset build instead of the loader.")
+_WORKERS = flags.DEFINE_list("workers", ["1", "2"], "--engine=beam: worker process counts to run.")
+_WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/tweetjax_bench_build", "--engine: corpus and outputs.")
+_COMPARE_LOCAL = flags.DEFINE_bool("compare_local", True, "--engine=beam: also time the local engine.")
+_PART = 200_000  # tweets per generated part
 
 STAGES = ("normalize", "tokenize", "pack")
 
@@ -50,8 +69,100 @@ def _one_pass(texts, tok, window, seq_len):
   return {s: (cpu[s], wall[s]) for s in STAGES}, real, total
 
 
+def _rss_peaks(root_pid: int, peaks: dict[int, tuple[str, int]], stop: threading.Event) -> None:
+  """Samples VmHWM (peak RSS) of `root_pid` and its descendants until `stop`; peaks: pid -> (role, KiB)."""
+  while not stop.is_set():
+    pids, todo = [], [root_pid]
+    while todo:
+      pid = todo.pop()
+      pids.append(pid)
+      try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+          with open(f"/proc/{pid}/task/{task}/children") as f:
+            todo += [int(c) for c in f.read().split()]
+      except OSError:
+        pass
+    for pid in pids:
+      try:
+        with open(f"/proc/{pid}/status") as f:
+          hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        with open(f"/proc/{pid}/cmdline") as f:
+          cmd = f.read()
+      except (OSError, StopIteration):
+        continue
+      is_worker = "sdk_worker_main" in cmd and not cmd.split("\0")[0].endswith("sh")  # not the shell around it
+      role = "driver" if pid == root_pid else "worker" if is_worker else "other"
+      peaks[pid] = (role, max(hwm, peaks.get(pid, ("", 0))[1]))
+    stop.wait(0.1)
+
+
+def _corpus(n: int) -> str:
+  raw = os.path.join(_WORK_DIR.value, f"raw_{n}")
+  if not os.path.exists(os.path.join(raw, ".complete")):
+    shutil.rmtree(raw, ignore_errors=True)
+    for part, start in enumerate(range(0, n, _PART)):  # in parts: generating keeps a part's tweets in memory
+      synthetic.generate(os.path.join(raw, f"part{part:03d}"), min(_PART, n - start), seed=part, first_index=start)
+    open(os.path.join(raw, ".complete"), "w").close()
+  return raw
+
+
+def _timed_build(raw: str, engine: str, workers: int) -> dict:
+  out = os.path.join(_WORK_DIR.value, f"out_{engine}_{workers}")
+  cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "build_dataset.py"), f"--input={raw}",
+         f"--output={out}", "--overwrite", f"--engine={engine}"]
+  if engine == "beam":
+    cmd.append(f"--beam_options=--runner=DirectRunner --direct_running_mode=multi_processing "
+               f"--direct_num_workers={workers}")
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  t0 = time.perf_counter()
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  peaks: dict[int, tuple[str, int]] = {}
+  stop = threading.Event()
+  sampler = threading.Thread(target=_rss_peaks, args=(proc.pid, peaks, stop), daemon=True)
+  sampler.start()
+  stdout, _ = proc.communicate()
+  wall = time.perf_counter() - t0
+  stop.set()
+  sampler.join()
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  if proc.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stdout[-2000:]}")
+  with open(os.path.join(out, "build_stats.json")) as f:
+    read = json.load(f)["read"]
+  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+  mib = lambda role: sorted(round(kib / 1024) for r, kib in peaks.values() if r == role)
+  return {"engine": engine, "workers": workers, "read": read, "wall": wall, "cpu": cpu,
+          "driver": mib("driver"), "worker": mib("worker")}
+
+
+def build_benchmark() -> None:
+  raw = _corpus(_NUM_TWEETS.value)
+  runs = []
+  if _ENGINE.value == "beam":
+    runs += [("beam", int(w)) for w in _WORKERS.value]
+  if _ENGINE.value == "local" or _COMPARE_LOCAL.value:
+    runs.append(("local", 1))
+  load_before = os.getloadavg()
+  results = [_timed_build(raw, engine, workers) for engine, workers in runs]
+  load_after = os.getloadavg()
+  print(f"build of {_NUM_TWEETS.value:,} synthetic tweets ({results[0]['read']:,} records read) on "
+        f"{os.cpu_count()} cores; load average before {'/'.join(f'{x:.1f}' for x in load_before)}, "
+        f"after {'/'.join(f'{x:.1f}' for x in load_after)}")
+  print(f"{'engine':<8}{'workers':>8}{'wall s':>9}{'tweets/s':>10}{'CPU s':>8}{'tweets/CPU-s':>14}"
+        f"{'driver MiB':>12}  worker peak MiB")
+  for r in results:
+    print(f"{r['engine']:<8}{r['workers']:>8}{r['wall']:>9.1f}{r['read'] / r['wall']:>10,.0f}{r['cpu']:>8.1f}"
+          f"{r['read'] / r['cpu']:>14,.0f}{r['driver'][0]:>12}  {r['worker']}")
+  beam = {r["workers"]: r for r in results if r["engine"] == "beam"}
+  if 1 in beam and 2 in beam:
+    print(f"2 workers / 1 worker: {beam[1]['wall'] / beam[2]['wall']:.2f}x")
+
+
 def main(argv):
   del argv
+  if _ENGINE.value:
+    build_benchmark()
+    return
   if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
   stored = ""

@@ -2,10 +2,14 @@
 
   python tools/build_dataset.py --input=/exports/v2,/exports/tweets.js --output=/data/tweets
   python tools/build_dataset.py --synthetic --output=/data/tweets_synth [--num_tweets=20000]
+  python tools/build_dataset.py --engine=beam --input=/exports --output=/data/tweets \
+      --beam_options="--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
 
 Formats, normalization and filters: tweetjax/data/{formats,normalize,builder}.py. Refuses to replace an existing
 dataset unless --overwrite; builds into a temp directory renamed into place, so a crash leaves no half dataset.
 Prints a progress line and a summary table; the same counts are in <output>/build_stats.json.
+--engine=beam runs the same build, with the same result, as an Apache Beam pipeline (tweetjax/data/beam_build.py;
+BUILD.md has the Dataflow/Flink/Spark commands).
 """
 
 import sys
@@ -22,6 +26,11 @@ _SYNTHETIC = flags.DEFINE_bool("synthetic", False, "Generate the embedded corpus
 _NUM_TWEETS = flags.DEFINE_integer("num_tweets", 20_000, "Size of the --synthetic corpus.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the --synthetic corpus.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Optional SentencePiece model: count tokens per split.")
+_ENGINE = flags.DEFINE_enum("engine", "local", ["local", "beam"], "local: one process; beam: a Beam pipeline.")
+_BEAM_OPTIONS = flags.DEFINE_string("beam_options", "", "Beam pipeline options for --engine=beam (default: "
+                                    "DirectRunner, multi_processing, one worker per core).")
+_SPLIT_BYTES = flags.DEFINE_integer("split_bytes", 64 << 20, "--engine=beam: JSONL/CSV files larger than this are "
+                                    "read in ranges of this many bytes (0: whole files).")
 # normalization
 _UNESCAPE_HTML = flags.DEFINE_bool("unescape_html", True, "Unescape HTML entities (&amp; -> &).")
 _NFC = flags.DEFINE_bool("nfc", True, "Unicode NFC normalization.")
@@ -66,7 +75,8 @@ def main(argv):
     generate = lambda raw: synthetic.generate(raw, _NUM_TWEETS.value, _SEED.value)
   try:
     result = builder.build(_INPUT.value, _OUTPUT.value, config, overwrite=_OVERWRITE.value,
-                           tokenizer_path=_TOKENIZER.value, generate=generate, progress=_progress)
+                           tokenizer_path=_TOKENIZER.value, generate=generate, progress=_progress,
+                           engine=_ENGINE.value, beam_options=_BEAM_OPTIONS.value, split_bytes=_SPLIT_BYTES.value)
   except builder.DatasetExistsError as e:
     sys.stderr.write(f"refusing to build: {e}\n")
     sys.exit(1)

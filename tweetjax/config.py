@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.shuffle_seed = 0  # record order of the tweet loader (each epoch reshuffled)
   config.data.pack_window = 4096  # tweets normalized, tokenized and packed together (larger: denser packing)
   config.data.num_epochs = 0  # 0: repeat the train split forever
+  # Weighted datasets "name=dataset_dir:weight,..." (weights: token shares; tweetjax/data/mixture.py); "" = dataset_dir
+  config.data.mixture = ""
   # Text normalization applied by the loader: tweetjax.data.normalize.NormalizeConfig documents each option.
   config.data.normalize = ml_collections.ConfigDict(dataclasses.asdict(NormalizeConfig()))
 

@@ -98,6 +98,15 @@ def _axis_rules(v) -> bool:
       isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str) and axes_ok(r[1]) for r in v)
 
 
+def _mixture(v) -> bool:
+  from tweetjax.data import mixture  # pylint: disable=g-import-not-at-top  (grain: only when judging this key)
+  try:
+    mixture.parse(v)
+  except (ValueError, AttributeError):
+    return False
+  return isinstance(v, str)
+
+
 BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
 STRING = Rule(lambda v: isinstance(v, str), "a string")
 POSITIVE_INT = integer(1)
@@ -157,6 +166,7 @@ RULES: dict[str, Rule] = {
     "data.shuffle_seed": integer(),
     "data.pack_window": POSITIVE_INT,
     "data.num_epochs": COUNT,
+    "data.mixture": Rule(_mixture, "'' or 'name=dataset_dir:weight,...' with weights > 0 (tweetjax/data/mixture.py)"),
     "data.normalize.unescape_html": BOOL,
     "data.normalize.nfc": BOOL,
     "data.normalize.urls": one_of("token", "keep", "remove"),

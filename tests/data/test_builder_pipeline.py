@@ -11,8 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tweetjax.data import builder, normalize, pipeline, synthetic
+from tweetjax.data import builder, normalize, pipeline, synthetic, writer
 from tweetjax.data.tokenizer import Tokenizer
+
+from tests.helpers import assert_batches_equal, next_batches
 
 FIX = pathlib.Path(__file__).parent / "fixtures"
 TOK = str(FIX / "tokenizer.model")
@@ -117,26 +119,16 @@ def test_loader_normalizes_only_where_the_build_did_not(tmp_path):
     pipeline.iterate_packed_batches(path, tok, 64, 4, split="train")
 
 
-def _batches(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def _assert_same(a, b):
-  for x, y in zip(a, b, strict=True):
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
 def test_loader_resume_equals_uninterrupted(dataset):
   path, _ = dataset
   kw = dict(split="train", shuffle=True, shuffle_seed=7, num_epochs=None, pack_window=200)
-  full = _batches(pipeline.iterate_packed_batches(path, TOK, 64, 8, **kw), 12)
+  full = next_batches(pipeline.iterate_packed_batches(path, TOK, 64, 8, **kw), 12)
   it = pipeline.iterate_packed_batches(path, TOK, 64, 8, **kw)
-  _batches(it, 5)
+  next_batches(it, 5)
   state = json.dumps(it.get_state())  # JSON-serializable
   resumed = pipeline.iterate_packed_batches(path, TOK, 64, 8, **kw)
   resumed.set_state(state)
-  _assert_same(full[5:], _batches(resumed, 7))
+  assert_batches_equal(full[5:], next_batches(resumed, 7))
   assert any((full[0]["inputs"] != b["inputs"]).any() for b in full[1:])
   other_seed = next(pipeline.iterate_packed_batches(path, TOK, 64, 8, **{**kw, "shuffle_seed": 8}))
   assert (other_seed["inputs"] != full[0]["inputs"]).any()
@@ -145,10 +137,10 @@ def test_loader_resume_equals_uninterrupted(dataset):
 def test_global_batches_do_not_depend_on_process_count(dataset):
   path, _ = dataset
   kw = dict(split="train", shuffle=True, shuffle_seed=1, num_epochs=None, pack_window=300)
-  one = _batches(pipeline.iterate_packed_batches(path, TOK, 64, 8, **kw), 6)
-  two = [_batches(pipeline.iterate_packed_batches(path, TOK, 64, 8, process_index=p, process_count=2, **kw), 6)
+  one = next_batches(pipeline.iterate_packed_batches(path, TOK, 64, 8, **kw), 6)
+  two = [next_batches(pipeline.iterate_packed_batches(path, TOK, 64, 8, process_index=p, process_count=2, **kw), 6)
          for p in range(2)]
-  _assert_same(one, [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*two)])
+  assert_batches_equal(one, [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*two)])
 
 
 def test_finite_pass_pads_last_batch(dataset):
@@ -188,3 +180,11 @@ def test_cli_synthetic_build_then_refuse(tmp_path):
   assert "skipped: malformed_json" in first.stdout and (out / "raw" / "v1" / "statuses.json").exists()
   second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
   assert second.returncode == 1 and "--overwrite" in second.stderr
+
+
+def test_direct_serialization_equals_tfds_encoder(dataset):
+  path, _ = dataset
+  examples = pipeline.load_examples(path, "validation")[:200]
+  examples += [{**examples[0], "text": "", "topic": "", "num_tweets": 3, "toxicity": -1}]
+  for ex in examples:
+    assert writer.serialize(ex) == writer.tfds_serialize(ex)

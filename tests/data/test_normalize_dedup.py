@@ -98,4 +98,24 @@ def test_minhash_deterministic_and_estimates_jaccard():
   est = (s1[0] == s1[1]).mean()
   assert abs(est - dedup.jaccard(a, b)) < 0.1
   assert (s1[0] == s1[2]).mean() < 0.1
-  assert list(dedup.NearDuplicateFilter().keep([a, b, BASE[1], "x", "x"])) == [True, True, True, True, False]
+  recs = [_rec(i, t) for i, t in enumerate([a, b, BASE[1], "x", a + "!!", "y"])]
+  assert dedup.near_duplicates(recs, dedup.NearDuplicateLSH()) == {dedup.rank(recs[4])}  # a + "!!" -> a
+
+
+def test_bucket_rule_is_order_and_partition_independent():
+  rng = np.random.default_rng(0)
+  buckets_M = rng.integers(0, 40, 600).astype(np.uint64)
+  ranks_M = [dedup.rank({"id": f"{i % 7}x{i}", "created_at": f"2023-03-0{1 + i % 3}T00:00:0{i % 10}Z" if i % 5 else ""})
+             for i in rng.integers(0, 300, 600)]
+  as_str = dict(zip(dedup.rank_bytes(ranks_M).tolist(), ranks_M))
+  pairs = {(as_str[m], as_str[r]) for m, r in dedup.bucket_pairs(buckets_M, dedup.rank_bytes(ranks_M))}
+  members = collections.defaultdict(set)
+  for b, r in zip(buckets_M.tolist(), ranks_M):
+    members[b].add(r)
+  want = {(m, min(rs)) for rs in members.values() for m in rs if m != min(rs)}  # each bucket's smallest rank
+  assert pairs == want
+  perm = rng.permutation(600)
+  parts = [perm[buckets_M[perm] % 3 == p] for p in range(3)]  # buckets split over 3 partitions, shuffled
+  assert {(as_str[m], as_str[r]) for i in parts
+          for m, r in dedup.bucket_pairs(buckets_M[i], dedup.rank_bytes([ranks_M[j] for j in i]))} == pairs
+  assert dedup.rank_bytes(ranks_M).argsort(kind="stable").tolist() == sorted(range(600), key=ranks_M.__getitem__)

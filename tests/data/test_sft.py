@@ -58,6 +58,8 @@ def test_template_special_tokens_and_loss_mask(tok):
 
 
 def test_template_errors_name_the_key(tok, tmp_path):
+  from tweetjax.config_check import RULES
+  assert all(RULES["data.sft.template"].ok(name) for name in [*sft.TEMPLATES, "custom"])  # the rule knows them all
   with pytest.raises(ValueError, match="config.data.sft.user_format"):
     sft.ChatTemplate("{content}", "no content here", "{content}")
   with pytest.raises(ValueError, match=r"special_tokens: '<\|eot\|>' is not a piece"):

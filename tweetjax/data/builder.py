@@ -1,7 +1,15 @@
 """Builds the tweet dataset: read exports -> normalize -> filter -> dedup -> threads -> TFDS array_record splits.
 
+Two engines apply the same rules, written once as plain functions (formats/ranges, normalize, `clean_batch` here,
+dedup, threads, writer), and keep exactly the same records in the same order, with the same counts:
+  local  (default): this module, every record in one process's memory; fine up to a few million tweets.
+  beam:  tweetjax/data/beam_build.py, an Apache Beam pipeline of keyed rounds, for any runner.
+Steps, in order: per-record normalization and filters (retweet, lang, too_short, too_long); `duplicate_id` (one
+record per id: the smallest `dedup.id_rank`); exact duplicates (one record per normalized text: the smallest
+`dedup.rank`, i.e. the oldest (created_at, id)); near duplicates (`dedup` docstring); thread joining (`threads`).
+
 Layout of a built dataset directory (`config.data.dataset_dir`):
-  <dir>/tweetjax_tweets/1.0.0/   TFDS files (`*.array_record-*`, dataset_info.json, features.json)
+  <dir>/tweetjax_tweets/1.0.0/   TFDS files (`*.array_record-*`, dataset_info.json, features.json), see writer.py
   <dir>/build_stats.json         counts (read, kept, dropped by reason, per split, per format) and the options
                                  (`normalize_version` + `config.normalize`: how the stored text is normalized);
                                  written last, so its presence marks a complete dataset
@@ -13,27 +21,26 @@ stable across runs, machines and Python versions and a thread never straddles sp
 """
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import utils as tfds_utils
 from etils import epath
 
-from tweetjax.data import dedup, formats, threads
+from tweetjax.data import dedup, formats, threads, writer
 from tweetjax.data import normalize as normalize_lib
 
-NAME = "tweetjax_tweets"
-VERSION = "1.0.0"
+NAME, VERSION = writer.NAME, writer.VERSION
 STATS_FILE = "build_stats.json"
 FILTER_REASONS = ("retweet", "lang", "too_short", "too_long", "duplicate_id", "duplicate", "near_duplicate")
-_BATCH = 2048
+ENGINES = ("local", "beam")
+BATCH = 2048  # records normalized together (normalize_batch amortizes its regex passes over a batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,97 +63,66 @@ def split_of(tweet_id: str, validation_fraction: float) -> str:
   return "validation" if h < validation_fraction * 2.0**64 else "train"
 
 
-def clean_records(records: Iterable[formats.Record], config: BuildConfig, stats: collections.Counter,
-                  progress: Callable[[collections.Counter], None] | None = None) -> list[formats.Record]:
-  """Normalizes and filters a record stream; drop counts go into `stats` under FILTER_REASONS."""
-  exact = dedup.ExactDuplicateFilter() if config.dedup_exact else None
-  near = dedup.NearDuplicateFilter(config.near_threshold) if config.dedup_near else None
-  seen_ids: set[str] = set()
-  langs = set(config.langs)
-  kept: list[formats.Record] = []
-
-  def flush(batch):
-    texts = normalize_lib.normalize_batch([r["text"] for r in batch], config.normalize)
-    survivors = []
-    for r, t in zip(batch, texts):
-      r["text"] = t
-      if r["is_retweet"] and not config.keep_retweets:
-        reason = "retweet"
-      elif langs and r["lang"] not in langs:
-        reason = "lang"
-      elif len(t) < config.min_chars:
-        reason = "too_short"
-      elif len(t) > config.max_chars:
-        reason = "too_long"
-      elif r["id"] in seen_ids:
-        reason = "duplicate_id"
-      else:
-        seen_ids.add(r["id"])
-        survivors.append(r)
-        continue
-      stats[reason] += 1
-    for name, filt in (("duplicate", exact), ("near_duplicate", near)):
-      if filt is not None and survivors:
-        keep = filt.keep([r["text"] for r in survivors])
-        stats[name] += int((~keep).sum())
-        survivors = [r for r, k in zip(survivors, keep) if k]
-    kept.extend(survivors)
-    if progress:
-      progress(stats)
-
-  batch = []
-  for r in records:
-    batch.append(r)
-    if len(batch) == _BATCH:
-      flush(batch)
-      batch = []
-  flush(batch)
+def clean_batch(batch: list[formats.Record], config: BuildConfig, stats: collections.Counter) -> list[formats.Record]:
+  """Normalizes a batch of records and applies the per-record filters; drops are counted in `stats`."""
+  texts = normalize_lib.normalize_batch([r["text"] for r in batch], config.normalize)
+  kept = []
+  for r, t in zip(batch, texts):
+    r["text"] = t
+    if r["is_retweet"] and not config.keep_retweets:
+      reason = "retweet"
+    elif config.langs and r["lang"] not in config.langs:
+      reason = "lang"
+    elif len(t) < config.min_chars:
+      reason = "too_short"
+    elif len(t) > config.max_chars:
+      reason = "too_long"
+    else:
+      kept.append(r)
+      continue
+    stats[reason] += 1
   return kept
 
 
-def _features() -> tfds.features.FeaturesDict:
-  text = tfds.features.Text
-  return tfds.features.FeaturesDict({
-      "id": text(), "text": text(), "author_id": text(), "lang": text(), "created_at": text(),
-      "conversation_id": text(), "reply_to_id": text(),
-      "is_retweet": tfds.features.Scalar(np.int32), "num_tweets": tfds.features.Scalar(np.int32),
-      "toxicity": tfds.features.Scalar(np.int32), "spam": tfds.features.Scalar(np.int32),
-      "misinformation": tfds.features.Scalar(np.int32), "topic": text(), "audience": text(),
-  })
+def text_key(r: formats.Record) -> bytes:
+  return dedup.text_key(r["text"])
 
 
-class TweetsBuilder(tfds.core.GeneratorBasedBuilder):
-  """TFDS builder over records already cleaned in memory (`records_by_split`)."""
-  name = NAME
-  VERSION = tfds.core.Version(VERSION)
+def dedup_ids(records: Iterable[formats.Record], stats: collections.Counter) -> list[formats.Record]:
+  kept, dropped = dedup.keep_smallest(records, key=lambda r: r["id"], order=dedup.id_rank)
+  stats["duplicate_id"] += dropped
+  return kept
 
-  # tfds locates checksum files from the builder's source path through `importlib_resources`, a package it does
-  # not install; this builder downloads nothing, so it has no source path to report.
-  @tfds_utils.classproperty
-  @classmethod
-  def code_path(cls):
-    return None
 
-  def __init__(self, *, records_by_split: dict[str, list[formats.Record]] | None = None, **kwargs):
-    self._records_by_split = records_by_split or {}
-    super().__init__(**kwargs)
+def dedup_exact(records: Iterable[formats.Record], stats: collections.Counter) -> list[formats.Record]:
+  kept, dropped = dedup.keep_smallest(records, key=text_key, order=dedup.rank)
+  stats["duplicate"] += dropped
+  return kept
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=_features(),
-                                 description="Normalized, filtered, deduplicated tweets (tweetjax).")
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    # tfds refuses empty splits; an absent split reads as empty (see `split_names`)
-    return {s: self._generate_examples(recs) for s, recs in self._records_by_split.items() if recs}
-
-  def _generate_examples(self, records):
-    keys = _features().keys()
-    for r in records:
-      ex = {k: r.get(k, "") for k in keys}
-      ex["is_retweet"] = int(r["is_retweet"])
-      ex["num_tweets"] = int(r.get("num_tweets", 1))
-      yield r["id"], ex
+def clean_records(records: Iterable[formats.Record], config: BuildConfig, stats: collections.Counter,
+                  progress: Callable[[collections.Counter], None] | None = None) -> list[formats.Record]:
+  """The local engine's cleaning: per-record filters batch by batch, then the dedup rounds over all records."""
+  cleaned: list[formats.Record] = []
+  batch: list[formats.Record] = []
+  for r in records:
+    batch.append(r)
+    if len(batch) == BATCH:
+      cleaned += clean_batch(batch, config, stats)
+      batch = []
+      if progress:
+        progress(stats)
+  cleaned += clean_batch(batch, config, stats)
+  cleaned = dedup_ids(cleaned, stats)
+  if config.dedup_exact:
+    cleaned = dedup_exact(cleaned, stats)
+  if config.dedup_near:
+    near = dedup.near_duplicates(cleaned, dedup.NearDuplicateLSH(config.near_threshold))
+    stats["near_duplicate"] += len(near)
+    cleaned = [r for r in cleaned if dedup.rank(r) not in near]
+  if progress:
+    progress(stats)
+  return cleaned
 
 
 class DatasetExistsError(FileExistsError):
@@ -174,46 +150,41 @@ def split_names(dataset_dir: str | os.PathLike) -> list[str]:
   return sorted(tfds.builder_from_directory(str(epath.Path(dataset_dir) / NAME / VERSION)).info.splits)
 
 
-def build(inputs: Sequence[str] | str, output_dir: str | os.PathLike, config: BuildConfig = BuildConfig(), *,
-          overwrite: bool = False, tokenizer_path: str | None = None,
-          generate: Callable[[epath.Path], Any] | None = None,
-          progress: Callable[[collections.Counter], None] | None = None) -> dict[str, Any]:
-  """Builds a dataset into `output_dir` atomically and returns the stats that are written next to it.
+_TMP_TAG = ".tmp-"
 
-  `generate(raw_dir)` (the `--synthetic` path) writes exports into `<output_dir>/raw` first; `inputs` then
-  defaults to that directory. The build goes to a sibling temp directory renamed into place at the end.
+
+def _remove_stale_temps(out: epath.Path) -> None:
+  """Temp directories of builds whose process is gone (killed): never complete, so safe to remove."""
+  for p in out.parent.glob(f".{out.name}{_TMP_TAG}*"):
+    pid = p.name[len(out.name) + len(_TMP_TAG) + 1:].split("-", 1)[0]
+    if pid.isdigit() and int(pid) != os.getpid():
+      try:
+        os.kill(int(pid), 0)
+      except ProcessLookupError:
+        shutil.rmtree(p, ignore_errors=True)
+      except PermissionError:
+        pass
+
+
+@contextlib.contextmanager
+def staged_output(output_dir: str | os.PathLike, overwrite: bool) -> Iterator[epath.Path]:
+  """A temp directory next to `output_dir`, renamed into place when the body succeeds, removed when it fails.
+
+  Refuses to replace a non-empty `output_dir` unless `overwrite`. A killed build leaves only a dot-named temp
+  directory without build_stats.json (removed by the next build of the same output).
   """
   out = epath.Path(output_dir)
   if out.exists() and any(out.iterdir()) and not overwrite:
     what = "a complete dataset" if is_complete(out) else "files (not a complete dataset)"
     raise DatasetExistsError(f"{out} already holds {what}; pass --overwrite to replace it")
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"
+  _remove_stale_temps(out)
+  tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}-{time.time_ns()}"
   tmp.mkdir()
   try:
-    if generate is not None:
-      generate(tmp / "raw")
-      inputs = inputs or [str(tmp / "raw")]
-    stats = collections.Counter()
-    t0 = time.time()
-    records = clean_records(formats.read_inputs(inputs, stats), config, stats, progress)
-    if config.join_threads:
-      records, merged = threads.join_threads(records)
-      stats["thread_merged"] += merged
-    by_split = {"train": [], "validation": []}
-    for r in records:
-      r.setdefault("num_tweets", 1)
-      by_split[split_of(r["id"], config.validation_fraction)].append(r)
-    tfds.disable_progress_bar()
-    TweetsBuilder(records_by_split=by_split, data_dir=str(tmp), file_format="array_record").download_and_prepare()
-    shutil.rmtree(tmp / "downloads", ignore_errors=True)
-    result = summarize(stats, by_split, config, time.time() - t0)
-    if tokenizer_path:
-      from tweetjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-      tok = tokenizer_lib.Tokenizer(tokenizer_path)
-      for split, recs in by_split.items():
-        result["tokens"][split] = int(sum(len(x) + 2 for x in tok.encode_batch([r["text"] for r in recs])))
-    (tmp / STATS_FILE).write_text(json.dumps(result, indent=2, sort_keys=True))
+    yield tmp
+    if not (tmp / STATS_FILE).exists():
+      raise RuntimeError(f"build into {tmp} finished without {STATS_FILE}")
     if out.exists():
       old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
       out.rename(old)
@@ -224,17 +195,73 @@ def build(inputs: Sequence[str] | str, output_dir: str | os.PathLike, config: Bu
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _build_local(inputs, root: epath.Path, config: BuildConfig, tokenizer_path: str | None,
+                 progress) -> tuple[collections.Counter, dict[str, int], dict[str, int]]:
+  stats = collections.Counter()
+  records = clean_records(formats.read_inputs(inputs, stats), config, stats, progress)
+  if config.join_threads:
+    records, merged = threads.join_threads(records)
+    stats["thread_merged"] += merged
+  by_split: dict[str, list[formats.Record]] = {s: [] for s in writer.SPLITS}
+  for r in records:
+    by_split[split_of(r["id"], config.validation_fraction)].append(r)
+  lengths = {}
+  for split, recs in by_split.items():
+    if recs:
+      lengths[split] = writer.write_split(root, split, [(writer.hkey(split, r["id"]), writer.serialize(r))
+                                                        for r in recs])
+  writer.write_metadata(root, lengths)
+  tokens = {}
+  if tokenizer_path:
+    from tweetjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    tok = tokenizer_lib.Tokenizer(tokenizer_path)
+    for split, recs in by_split.items():
+      tokens[split] = int(sum(len(x) + 2 for x in tok.encode_batch([r["text"] for r in recs])))
+  return stats, {k: len(v) for k, v in by_split.items()}, tokens
+
+
+def build(inputs: Sequence[str] | str, output_dir: str | os.PathLike, config: BuildConfig = BuildConfig(), *,
+          overwrite: bool = False, tokenizer_path: str | None = None,
+          generate: Callable[[epath.Path], Any] | None = None,
+          progress: Callable[[collections.Counter], None] | None = None,
+          engine: str = "local", beam_options: str = "", split_bytes: int | None = None) -> dict[str, Any]:
+  """Builds a dataset into `output_dir` atomically and returns the stats that are written next to it.
+
+  `generate(raw_dir)` (the `--synthetic` path) writes exports into `<output_dir>/raw` first; `inputs` then
+  defaults to that directory. `engine`: "local" or "beam" (then `beam_options`, a Beam command line such as
+  "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing", and `split_bytes`, the
+  size of the byte ranges large JSONL/CSV files are read in; see beam_build.py).
+  """
+  if engine not in ENGINES:
+    raise ValueError(f"engine={engine!r}: expected one of {ENGINES}")
+  with staged_output(output_dir, overwrite) as tmp:
+    if generate is not None:
+      generate(tmp / "raw")
+      inputs = inputs or [str(tmp / "raw")]
+    t0 = time.time()
+    if engine == "beam":
+      from tweetjax.data import beam_build  # pylint: disable=g-import-not-at-top
+      stats, splits, tokens = beam_build.run(inputs, tmp, config, beam_options=beam_options,
+                                             tokenizer_path=tokenizer_path, split_bytes=split_bytes)
+    else:
+      stats, splits, tokens = _build_local(inputs, tmp, config, tokenizer_path, progress)
+    result = summarize(stats, splits, config, time.time() - t0)
+    result["tokens"] = tokens
+    result["engine"] = engine
+    (tmp / STATS_FILE).write_text(json.dumps(result, indent=2, sort_keys=True))
   return result
 
 
-def summarize(stats: collections.Counter, by_split: dict[str, list], config: BuildConfig,
+def summarize(stats: collections.Counter, splits: dict[str, int], config: BuildConfig,
               seconds: float) -> dict[str, Any]:
   skipped = {k: stats.get(k, 0) for k in formats.SKIP_REASONS}
   dropped = {k: stats.get(k, 0) for k in FILTER_REASONS}
   return {
       "read": stats.get("read", 0),
-      "kept": sum(len(v) for v in by_split.values()),
-      "splits": {k: len(v) for k, v in by_split.items()},
+      "kept": sum(splits.values()),
+      "splits": dict(splits),
       "skipped": skipped,
       "dropped": dropped,
       "thread_merged": stats.get("thread_merged", 0),

@@ -23,7 +23,7 @@ import hashlib
 import io
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 from etils import epath
 
@@ -176,55 +176,69 @@ def _emit(tweets: list[Any], stats: collections.Counter) -> Iterator[Record]:
       stats[skip.reason] += 1
 
 
+def line_records(line: bytes, stats: collections.Counter) -> Generator[Record, None, bool]:
+  """Yields the records of one JSONL line (bad lines are counted, never raised); returns whether it was JSON."""
+  if not line.strip():
+    return False
+  if len(line) >= MAX_RECORD_BYTES:
+    stats["read"] += 1
+    stats["too_large"] += 1
+    return False
+  try:
+    text = line.decode("utf-8")
+  except UnicodeDecodeError:
+    stats["read"] += 1
+    stats["invalid_utf8"] += 1
+    return False
+  try:
+    value = json.loads(text)
+  except ValueError:
+    stats["read"] += 1
+    stats["malformed_json"] += 1
+    return False
+  yield from _emit(_tweets_in(value), stats)
+  return True
+
+
 def _read_lines(data: bytes, path: str, stats: collections.Counter) -> Iterator[Record]:
   parsed_any = False
   for line in data.split(b"\n"):
-    if not line.strip():
-      continue
-    if len(line) >= MAX_RECORD_BYTES:
-      stats["read"] += 1
-      stats["too_large"] += 1
-      continue
-    try:
-      text = line.decode("utf-8")
-    except UnicodeDecodeError:
-      stats["read"] += 1
-      stats["invalid_utf8"] += 1
-      continue
-    try:
-      value = json.loads(text)
-    except ValueError:
-      stats["read"] += 1
-      stats["malformed_json"] += 1
-      continue
-    parsed_any = True
-    yield from _emit(_tweets_in(value), stats)
+    parsed_any |= yield from line_records(line, stats)
   if not parsed_any and data.strip():
     raise FormatError(f"{path}: not a Twitter export (no JSON line in it; expected API v2/v1.1 JSON or JSONL, "
                       "an archive tweets.js, or a CSV with a 'text' column)")
 
 
-def _read_csv(data: bytes, path: str, stats: collections.Counter) -> Iterator[Record]:
-  # surrogateescape keeps bad bytes visible per row instead of failing the whole file
-  reader = csv.DictReader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
+def csv_reader(text_lines, path: str) -> csv.DictReader:
+  reader = csv.DictReader(text_lines)
   if not reader.fieldnames or "text" not in reader.fieldnames:
     raise FormatError(f"{path}: CSV without a 'text' column (columns: {reader.fieldnames})")
-  for row in reader:
-    stats["read"] += 1
-    row = {k: v for k, v in row.items() if k is not None}
-    if any(isinstance(v, str) and any("\udc80" <= c <= "\udcff" for c in v) for v in row.values()):
-      stats["invalid_utf8"] += 1
-      continue
-    for k in LABEL_INTS:
-      if row.get(k) == "":
-        row[k] = None
-    for k in ("id", "author_id", "conversation_id", "reply_to_id"):
-      if row.get(k) == "":
-        row[k] = None
-    try:
-      yield tweet_record(row)
-    except _Skip as skip:
-      stats[skip.reason] += 1
+  return reader
+
+
+def csv_row_record(row: dict[str | None, Any], stats: collections.Counter) -> Iterator[Record]:
+  """The record of one CSV row (a dict from csv.DictReader over text decoded with surrogateescape)."""
+  stats["read"] += 1
+  row = {k: v for k, v in row.items() if k is not None}
+  if any(isinstance(v, str) and any("\udc80" <= c <= "\udcff" for c in v) for v in row.values()):
+    stats["invalid_utf8"] += 1
+    return
+  for k in LABEL_INTS:
+    if row.get(k) == "":
+      row[k] = None
+  for k in ("id", "author_id", "conversation_id", "reply_to_id"):
+    if row.get(k) == "":
+      row[k] = None
+  try:
+    yield tweet_record(row)
+  except _Skip as skip:
+    stats[skip.reason] += 1
+
+
+def _read_csv(data: bytes, path: str, stats: collections.Counter) -> Iterator[Record]:
+  # surrogateescape keeps bad bytes visible per row instead of failing the whole file
+  for row in csv_reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""), path):
+    yield from csv_row_record(row, stats)
 
 
 def detect_format(path: str, data: bytes) -> str:

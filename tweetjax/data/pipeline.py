@@ -10,9 +10,10 @@ The GLOBAL row stream is a pure function of (dataset, split, shuffle_seed, pack_
 Every process computes the same windows (tokenizing a window is cheap next to a train step) and keeps only its
 own rows of each global batch, so the global batch sequence does not depend on the number of processes.
 Iterator state is {"window", "row"}: resuming recomputes one window and continues exactly where it stopped.
+With `config.data.mixture` (mixture.py) step 1 mixes several datasets by token weight; the rest is the same.
 
 `config.data` keys used here (defaults in `DEFAULTS`): dataset_dir, tokenizer_path, seq_len, global_batch_size,
-shuffle_seed, normalize (NormalizeConfig fields), pack_window, num_epochs (0 = forever).
+shuffle_seed, normalize (NormalizeConfig fields), pack_window, num_epochs (0 = forever), mixture.
 Dims: B batch (global), b local batch, L sequence length.
 """
 
@@ -25,10 +26,11 @@ import jax
 import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
-from tweetjax.data import builder, normalize, packing
+from tweetjax.data import builder, mixture, normalize, packing
 from tweetjax.data.tokenizer import Tokenizer
 
-DEFAULTS = {"pack_window": 4096, "num_epochs": 0}
+DEFAULTS = {"pack_window": 4096, "num_epochs": 0, "mixture": ""}
+_LOG_SHARES_EVERY = 16  # windows
 
 
 def _decode(raw: bytes) -> dict[str, Any]:
@@ -83,11 +85,15 @@ class WindowRowIterator:
     self._rows: dict[str, np.ndarray] | None = None
     self._rows_window = -1
 
+  def _entered(self, w: int, rows: dict[str, np.ndarray]) -> None:
+    """Called once per window when the iterator first reads it (per-window statistics)."""
+
   def _window_rows(self, w: int) -> dict[str, np.ndarray] | None:
     if w >= len(self.windows):
       return None
     if self._rows_window != w:
       self._rows, self._rows_window = self.windows[w], w
+      self._entered(w, self._rows)
     return self._rows
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -104,7 +110,7 @@ class WindowRowIterator:
         parts.append(packing.empty_rows(need, self.seq_len, self.pad_id))  # finite pass: pad
         break
       take = min(need, len(rows["inputs"]) - r)
-      parts.append({k: v[r:r + take] for k, v in rows.items()})
+      parts.append({k: rows[k][r:r + take] for k in packing.BATCH_KEYS})
       need -= take
       r += take
       if r == len(rows["inputs"]):
@@ -121,45 +127,85 @@ class WindowRowIterator:
     self._window, self._row = int(state["window"]), int(state["row"])
 
 
-def record_windows(num_records: int, pack_window: int, pack_fn, *, shuffle: bool, shuffle_seed: int,
-                   num_epochs: int | None):
-  """Seeded record order (each epoch reshuffled), cut into windows of `pack_window` indices, each mapped by
-  `pack_fn(indices) -> packed rows`: the deterministic window sequence a WindowRowIterator reads."""
+def record_order(num_records: int, *, shuffle: bool, shuffle_seed: int, num_epochs: int | None):
+  """Record indices 0..n-1, shuffled with a seed (each epoch reshuffled), repeated num_epochs times (None: forever):
+  what `.batch(pack_window).map(pack)` turns into a WindowRowIterator's windows."""
   order = grain.MapDataset.range(num_records)
   if shuffle:
     order = order.shuffle(seed=shuffle_seed)
-  return order.repeat(num_epochs or None).batch(pack_window).map(pack_fn)
+  return order.repeat(num_epochs or None)
 
 
 class PackedBatchIterator(WindowRowIterator):
-  """The tweet loader: windows of tweets of one split, normalized (when needed), tokenized and packed."""
+  """The tweet loader: windows of tweets (of one split, or a mixture of datasets), normalized when needed,
+  tokenized and packed."""
 
   def __init__(self, dataset_dir: str, tokenizer: Tokenizer | str, seq_len: int, global_batch_size: int, *,
                split: str = "train", shuffle: bool = True, shuffle_seed: int = 0, num_epochs: int | None = None,
                normalize_config: normalize.NormalizeConfig | dict | None = None, pack_window: int = 4096,
-               local_rows: slice | None = None):
+               local_rows: slice | None = None, sources: list[mixture.Source] | None = None):
     self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-    self.source = TweetSource(dataset_dir, split)
-    if len(self.source) == 0:
-      raise ValueError(f"split {split!r} of {dataset_dir} is empty")
     self.normalize_config = normalize.NormalizeConfig.from_dict(normalize_config)
+    dirs = [s.dataset_dir for s in sources] if sources else [dataset_dir]
+    self.source_names = [s.name for s in sources] if sources else [dataset_dir]
+    self.sources = [TweetSource(d, split) for d in dirs]
+    for d, src in zip(dirs, self.sources):
+      if len(src) == 0:
+        raise ValueError(f"split {split!r} of {d} is empty")
+    self.source = self.sources[0]
     # Normalizing again with the build's own options would cost most of the loader's CPU time, and would not always
     # be a no-op (normalize.py names the exceptions): the model should see the text the tokenizer was trained on.
-    built = builder.stored_normalization(dataset_dir)
-    self.renormalize = built != self.normalize_config
-    if self.renormalize:
-      logging.info("tweet loader: normalizing %s/%s again with %s (the build used %s)", dataset_dir, split,
-                   self.normalize_config, built or "unrecorded options")
-    windows = record_windows(len(self.source), pack_window, self._pack_window, shuffle=shuffle,
-                             shuffle_seed=shuffle_seed, num_epochs=num_epochs)
-    super().__init__(windows, seq_len, global_batch_size, self.tokenizer.pad_id, local_rows)
+    self._renormalize = []
+    for d in dirs:
+      built = builder.stored_normalization(d)
+      self._renormalize.append(built != self.normalize_config)
+      if self._renormalize[-1]:
+        logging.info("tweet loader: normalizing %s/%s again with %s (the build used %s)", d, split,
+                     self.normalize_config, built or "unrecorded options")
+    self.renormalize = any(self._renormalize)
+    if sources:
+      means = [mixture.mean_tokens(self._texts(i, range(min(len(src), mixture.MEAN_SAMPLE))), self.tokenizer)
+               for i, src in enumerate(self.sources)]
+      props = mixture.proportions([s.weight for s in sources], means)
+      for s, src, m, p in zip(sources, self.sources, means, props):
+        logging.info("mixture %s: %s/%s, %d records, %.1f tokens/doc, token weight %.3g -> %.4f of documents",
+                     s.name, s.dataset_dir, split, len(src), m, s.weight, p)
+      order = mixture.mixed_order([len(src) for src in self.sources], props, shuffle=shuffle,
+                                  shuffle_seed=shuffle_seed, num_epochs=num_epochs or None)
+    else:
+      order = record_order(len(self.source), shuffle=shuffle, shuffle_seed=shuffle_seed, num_epochs=num_epochs)
+    self._tokens_S = np.zeros(len(self.sources), np.int64)  # tokens per source in the windows entered so far
+    super().__init__(order.batch(pack_window).map(self._pack_window), seq_len, global_batch_size,
+                     self.tokenizer.pad_id, local_rows)
 
-  def _pack_window(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    texts = self.source.texts(indices.tolist())
-    if self.renormalize:
-      texts = normalize.normalize_batch(texts, self.normalize_config)
+  def _texts(self, source: int, indices) -> list[str]:
+    texts = self.sources[source].texts(indices)
+    return normalize.normalize_batch(texts, self.normalize_config) if self._renormalize[source] else texts
+
+  def _pack_window(self, items: np.ndarray) -> dict[str, np.ndarray]:
+    """A window of record indices (one source) or of (source, index) pairs (a mixture) -> packed rows."""
+    source_W, index_W = (items[:, 0], items[:, 1]) if items.ndim == 2 else (np.zeros_like(items), items)
+    texts: list[str] = [""] * len(index_W)
+    for s in np.unique(source_W).tolist():
+      at = np.flatnonzero(source_W == s)
+      for i, t in zip(at.tolist(), self._texts(s, index_W[at].tolist())):
+        texts[i] = t
     tok = self.tokenizer
-    return packing.pack(tok.encode_batch(texts), self.seq_len, tok.bos_id, tok.eos_id, tok.pad_id)
+    ids = tok.encode_batch(texts)
+    rows = packing.pack(ids, self.seq_len, tok.bos_id, tok.eos_id, tok.pad_id)
+    rows["source_tokens"] = np.bincount(source_W, weights=[len(x) + 2 for x in ids],
+                                        minlength=len(self.sources)).astype(np.int64)
+    return rows
+
+  def _entered(self, w: int, rows: dict[str, np.ndarray]) -> None:
+    self._tokens_S += rows["source_tokens"]
+    if len(self.sources) > 1 and w % _LOG_SHARES_EVERY == 0:
+      logging.info("mixture: realised token shares after %d windows: %s", w + 1, self.token_shares())
+
+  def token_shares(self) -> dict[str, float]:
+    """Each source's share of the tokens in the windows this iterator has entered (since it was made)."""
+    total = max(int(self._tokens_S.sum()), 1)
+    return {n: round(int(t) / total, 4) for n, t in zip(self.source_names, self._tokens_S)}
 
 
 def iterate_packed_batches(dataset_dir: str, tokenizer: Tokenizer | str, seq_len: int, batch_size: int, *,
@@ -218,5 +264,5 @@ def make_iterator(config, mesh: jax.sharding.Mesh, split: str = "train") -> Glob
       data.dataset_dir, data.tokenizer_path, L, B, split=split, shuffle=split == "train",
       shuffle_seed=int(data.shuffle_seed), num_epochs=int(get("num_epochs")) or None,
       normalize_config=get("normalize"), pack_window=int(get("pack_window")),
-      local_rows=process_rows(sharding, B, L))
+      local_rows=process_rows(sharding, B, L), sources=mixture.parse(str(get("mixture"))) or None)
   return GlobalBatchIterator(local, sharding)

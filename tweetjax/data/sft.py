@@ -326,9 +326,9 @@ class SFTBatchIterator(pipeline.WindowRowIterator):
                shuffle: bool = True, shuffle_seed: int = 0, num_epochs: int | None = None, pack_window: int = 4096,
                local_rows: slice | None = None):
     self.split, self.tokenizer = split, tokenizer
-    windows = pipeline.record_windows(len(split), pack_window, self._pack_window, shuffle=shuffle,
-                                      shuffle_seed=shuffle_seed, num_epochs=num_epochs)
-    super().__init__(windows, seq_len, global_batch_size, tokenizer.pad_id, local_rows)
+    order = pipeline.record_order(len(split), shuffle=shuffle, shuffle_seed=shuffle_seed, num_epochs=num_epochs)
+    super().__init__(order.batch(pack_window).map(self._pack_window), seq_len, global_batch_size, tokenizer.pad_id,
+                     local_rows)
 
   def _pack_window(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     flat, mask = self.split.gather(indices)

@@ -140,8 +140,9 @@ def _text(rng: random.Random, handles: list[str]) -> tuple[str, str, dict[str, A
   return " ".join(text.split()), lang, labels, topic
 
 
-def make_tweets(num_tweets: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-  """Canonical tweets (format-independent) and users."""
+def make_tweets(num_tweets: int, seed: int,
+                first_index: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+  """Canonical tweets (format-independent) and users; tweet i gets id and time of tweet `first_index + i`."""
   rng = random.Random(seed)
   users = [{"id": str(10_000 + i), "username": f"user{i}_{rng.choice(['x', 'dev', 'fan', 'io'])}"}
            for i in range(400)]
@@ -149,8 +150,9 @@ def make_tweets(num_tweets: int, seed: int) -> tuple[list[dict[str, Any]], list[
   tweets: list[dict[str, Any]] = []
   while len(tweets) < num_tweets:
     i = len(tweets)
-    t = {"id": str(1_630_000_000_000_000_000 + i * 7919 + rng.randint(0, 999)), "author": rng.choice(users),
-         "time": _T0 + datetime.timedelta(seconds=37 * i), "reply_to": "", "conversation_id": "", "kind": "post"}
+    g = first_index + i
+    t = {"id": str(1_630_000_000_000_000_000 + g * 7919 + rng.randint(0, 999)), "author": rng.choice(users),
+         "time": _T0 + datetime.timedelta(seconds=37 * g), "reply_to": "", "conversation_id": "", "kind": "post"}
     r = rng.random()
     if tweets and r < 0.12:  # reply into a recent conversation
       parent = tweets[rng.randrange(max(0, i - 30), i)]
@@ -246,10 +248,12 @@ def _corrupt_lines() -> list[bytes]:
           b'{"id": "11", "text": "\xc3\x28"}', b'{"id": "12", "text": "' + b"x" * (1 << 20) + b'"}']
 
 
-def generate(out_dir: str | epath.Path, num_tweets: int = 20_000, seed: int = 0) -> dict[str, int]:
-  """Writes the corpus; returns how many tweets went to each format."""
+def generate(out_dir: str | epath.Path, num_tweets: int = 20_000, seed: int = 0,
+             first_index: int = 0) -> dict[str, int]:
+  """Writes the corpus; returns how many tweets went to each format. Corpora with disjoint [first_index,
+  first_index + num_tweets) have disjoint ids, so large corpora can be written a part at a time."""
   out = epath.Path(out_dir)
-  tweets, users = make_tweets(num_tweets, seed)
+  tweets, users = make_tweets(num_tweets, seed, first_index)
   rng = random.Random(seed + 1)
   archive_user = users[0]
   groups: dict[str, list] = {"v2": [], "v2_stream": [], "v1": [], "v1_search": [], "archive": [], "csv": [],
