@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tweetjax.model import lora
 from tweetjax.model.blockwise import blockwise_attention
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.layers import constrain, kernel_init, logical_param
@@ -116,6 +117,9 @@ class Attention(nn.Module):
     q_BxLxHxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, wq_DxHxDh.astype(dt))
     k_BxLxKxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, wk_DxKxDh.astype(dt))
     v_BxLxKxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, wv_DxKxDh.astype(dt))
+    q_BxLxHxDh = lora.adapt(self, "query", x_BxLxD, q_BxLxHxDh, ("embed", "heads", "head_dim"))
+    k_BxLxKxDh = lora.adapt(self, "key", x_BxLxD, k_BxLxKxDh, ("embed", "kv_heads", "head_dim"))
+    v_BxLxKxDh = lora.adapt(self, "value", x_BxLxD, v_BxLxKxDh, ("embed", "kv_heads", "head_dim"))
     if cfg.qkv_bias:  # Qwen2: biases on the q/k/v projections, none on the output
       def bias(name, shape, axes):
         return logical_param(self, name, nn.initializers.zeros, shape, axes, cfg).astype(dt)
@@ -155,6 +159,7 @@ class Attention(nn.Module):
                                            impl=cfg.attention_impl, softcap=cfg.attn_logit_softcap)
     out_BxLxHxDh = constrain(out_BxLxHxDh, ("act_batch", "act_length", "act_heads", "act_head_dim"))
     out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, wo_HxDhxD.astype(dt))
+    out_BxLxD = lora.adapt(self, "out", out_BxLxHxDh, out_BxLxD, ("heads", "head_dim", "embed"), in_ndim=2)
     return constrain(out_BxLxD, ("act_batch", "act_length", "act_embed"))
 
   def _update_cache(self, k_BxLxKxDh: jax.Array, v_BxLxKxDh: jax.Array, segment_ids_BxL: jax.Array):

@@ -13,6 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from tweetjax.model import lora
 from tweetjax.model.config import ModelConfig
 
 Axes = Sequence[str | None]
@@ -114,8 +115,9 @@ class MLP(nn.Module):
     # products transposed for the weight-gradient dots, ~18% of a small.py fp32 step (benchmarks/RESULTS.md).
     B, L, _ = x_BxLxD.shape
     x_NxD = x_BxLxD.reshape(B * L, D)
-    gate_NxF = x_NxD @ gate_DxF.astype(dt)
-    up_NxF = x_NxD @ up_DxF.astype(dt)
+    gate_NxF = lora.adapt(self, "gate", x_NxD, x_NxD @ gate_DxF.astype(dt), ("embed", "mlp"))
+    up_NxF = lora.adapt(self, "up", x_NxD, x_NxD @ up_DxF.astype(dt), ("embed", "mlp"))
     h_BxLxF = constrain((nn.silu(gate_NxF) * up_NxF).reshape(B, L, F), ("act_batch", "act_length", "act_mlp"))
-    out_NxD = h_BxLxF.reshape(B * L, F) @ down_FxD.astype(dt)
+    h_NxF = h_BxLxF.reshape(B * L, F)
+    out_NxD = lora.adapt(self, "down", h_NxF, h_NxF @ down_FxD.astype(dt), ("mlp", "embed"))
     return constrain(out_NxD.reshape(B, L, D), ("act_batch", "act_length", "act_embed"))

@@ -91,9 +91,9 @@ def _scan_unit(cfg: ModelConfig, block, pipelined: bool = False):
 
 
 def _scanned(cfg: ModelConfig, unit, length: int):
-  return nn.scan(unit, variable_axes={"params": 0, "cache": 0, MOE_STATS: 0}, split_rngs={"params": True},
-                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=length,
-                 metadata_params={nn.PARTITION_NAME: "layers"})
+  return nn.scan(unit, variable_axes={"params": 0, "cache": 0, MOE_STATS: 0},
+                 split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                 length=length, metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 class Transformer(nn.Module):

@@ -39,6 +39,7 @@ DEFAULT_RULES: Rules = (
     ("layers", "stage"),
     ("norm", None),
     ("experts", "expert"),
+    ("lora_rank", None),  # LoRA adapters: their other axes are the adapted kernel's (tweetjax/model/lora.py)
     # Activations.
     # Rows also split over `stage` outside the pipelined layers (embedding, LM head, loss: each stage group takes
     # its share instead of repeating the whole batch); inside, the pipeline gives `stage` to its stage dimension.

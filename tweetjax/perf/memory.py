@@ -1,6 +1,7 @@
 """Analytic per-device memory of a train step, next to which the dry-run prints XLA's buffer assignment.
 
-State (params, optimizer state, gradients) is exact: every leaf's shard shape under its NamedSharding. Activations
+State (params, optimizer state, gradients) is exact: every leaf's shard shape under its NamedSharding (gradients of
+the trained leaves only: with LoRA, the adapters). Activations
 are a model, per device and per microbatch, with b rows per batch shard, L tokens, t = size of the mesh axes the
 heads / mlp / vocab are split on, a = bytes of the compute dtype:
 
@@ -140,8 +141,11 @@ def estimate(experiment, global_batch: int, microbatches: int) -> MemoryEstimate
   mesh, rules, layout = experiment.mesh, experiment.rules, experiment.layout
   params = shard_bytes(layout.abstract_state.params)
   optimizer = shard_bytes(layout.abstract_state.opt_state)
-  param_elems = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(layout.abstract_state.params))
-  gradients = params + (4 * param_elems if microbatches > 1 else 0)
+  trained = layout.abstract_state.params
+  if experiment.trainable is not None:  # LoRA: gradients of the adapters only
+    trained = [x for x, t in zip(jax.tree.leaves(trained), jax.tree.leaves(experiment.trainable(trained))) if t]
+  param_elems = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(trained))
+  gradients = shard_bytes(trained) + (4 * param_elems if microbatches > 1 else 0)
 
   size = lambda name: axis_size(mesh, mesh_axes_of(name, rules))
   b_step = max(global_batch // microbatches // size("act_batch"), 1)  # rows per device of the step's microbatch
