@@ -213,14 +213,14 @@ def blockwise_attention(q_BxLxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh
     return local(*args)
   rules = rules or nn.get_logical_axis_rules() or DEFAULT_RULES
   batch_axes, head_axes = mesh_axes_of("act_batch", rules), mesh_axes_of("act_heads", rules)
-  if mesh_axes_of("act_length", rules):
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+  if size(mesh_axes_of("act_length", rules)) > 1:
     raise ValueError("attention_impl='blockwise' needs the sequence unsharded (logical axis 'act_length' -> "
                      f"{list(mesh_axes_of('act_length', rules))}); a sharded sequence needs ring attention")
   if mesh_axes_of("act_kv_heads", rules) != head_axes:
     raise ValueError(f"attention_impl='blockwise' needs 'act_heads' and 'act_kv_heads' on the same mesh axes "
                      f"(got {list(head_axes)} and {list(mesh_axes_of('act_kv_heads', rules))}) so that every "
                      "device holds whole query groups")
-  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
   if B % size(batch_axes) or K % size(head_axes):
     return local(*args)  # e.g. the batch of 1 that initialises the params: plain SPMD
   spec = lambda *dims: P(*(None if not d else d[0] if len(d) == 1 else tuple(d) for d in dims))

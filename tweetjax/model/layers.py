@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from tweetjax.model import quantize
+from tweetjax.model import lora
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.matmul import contract, contract_each, matmul, resolve, row_major_transpose
 
@@ -130,6 +131,9 @@ class MLP(nn.Module):
     B, L, _ = x_BxLxD.shape
     x_NxD = x_BxLxD.reshape(B * L, D)
     gate_NxF, up_NxF = contract_each(x_NxD, (gate_DxF, up_DxF), 1, cfg.matmul_impl, dt)
+    gate_NxF = lora.adapt(self, "gate", x_NxD, gate_NxF, ("embed", "mlp"))
+    up_NxF = lora.adapt(self, "up", x_NxD, up_NxF, ("embed", "mlp"))
     h_BxLxF = constrain((nn.silu(gate_NxF) * up_NxF).reshape(B, L, F), ("act_batch", "act_length", "act_mlp"))
-    out_NxD = matmul(h_BxLxF.reshape(B * L, F), down_FxD, cfg.matmul_impl, dt)
+    h_NxF = h_BxLxF.reshape(B * L, F)
+    out_NxD = lora.adapt(self, "down", h_NxF, matmul(h_NxF, down_FxD, cfg.matmul_impl, dt), ("mlp", "embed"))
     return constrain(out_NxD.reshape(B, L, D), ("act_batch", "act_length", "act_embed"))
