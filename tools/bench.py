@@ -119,7 +119,7 @@ def _subprocess(spec: dict, timeout: float = 3600) -> dict | None:
     return {"timed_out_s": timeout}
   for line in proc.stdout.splitlines():
     if line.startswith(_RESULT):
-      return json.loads(line[len(_RESULT):])
+      return {**json.loads(line[len(_RESULT):]), "load": round(os.getloadavg()[0], 2)}
   print(f"  FAILED {spec}: {proc.stderr[-2000:]}", flush=True)
   return None
 
@@ -194,6 +194,20 @@ def bench_step(results: dict) -> None:
         print(f"  {shape:<6} {dtype:<9}   torch {r['tokens_per_step']:>12} {r['best_s']:>10.3f} / "
               f"{r['median_s']:<9.3f} {r['best_tokens_per_s']:>15.0f}   tweetjax (1 device) / torch = {ratio:.2f}x "
               f"(torch {r['torch']}, transformers {r['transformers']}, {r['threads']} threads)", flush=True)
+        if ours and peak:
+          print("  " + _ratio_line(shape, dtype, ours[0], r, peak, results.get("torch_peak", {}).get(dtype)),
+                flush=True)
+
+
+def _ratio_line(shape: str, dtype: str, ours: dict, torch: dict, peak: float, torch_peak: dict | None) -> str:
+  """The ratios of one shape and dtype: both steps' model FLOP/s against this run's `jnp.dot` peak (and torch's
+  against its own `torch.mm` peak), and tweetjax over torch; the load when each step was measured."""
+  torch_flops = ours["flops_per_token"] * torch["best_tokens_per_s"]
+  own = f", {100 * torch_flops / torch_peak['best_flops']:.1f}% of torch.mm's" if torch_peak else ""
+  speedup = ours["best_tokens_per_s"] / torch["best_tokens_per_s"]
+  return (f"ratios {shape} {dtype}: tweetjax {100 * ours['mfu_best']:.1f}% of the jnp.dot peak, torch "
+          f"{100 * torch_flops / peak:.1f}%{own}; tweetjax / torch {speedup:.2f}x "
+          f"(1-minute load after each: {ours.get('load', '?')} / {torch.get('load', '?')})")
 
 
 def bench_decode(results: dict) -> None:
