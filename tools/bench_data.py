@@ -19,6 +19,7 @@ the build already normalized, so it only tokenizes and packs (it normalizes agai
 differs from the build's options, see tweetjax/data/pipeline.py).
 """
 
+import hashlib
 import json
 import os
 import resource
@@ -31,7 +32,7 @@ import time
 
 from absl import app, flags
 
-from tweetjax.data import normalize, packing, synthetic, tokenizer
+from tweetjax.data import normalize, packing, synthetic, tokenizer, writer
 
 _DATASET_DIR = flags.DEFINE_string("dataset_dir", None, "Built dataset (train split); default: synthetic texts.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model; default: train a small one here.")
@@ -149,7 +150,18 @@ def _timed_build(raw: str, engine: str, workers: int) -> dict:
   if sampled_cpu > cpu:  # a process the driver did not wait for is missing from RUSAGE_CHILDREN
     cpu = sampled_cpu
   return {"engine": engine, "workers": workers, "read": read, "wall": wall, "cpu": cpu, "driver_cpu": driver_cpu,
-          "driver": mib("driver"), "worker": mib("worker")}
+          "driver": mib("driver"), "worker": mib("worker"), "out": out}
+
+
+def _build_digest(out: str) -> tuple[dict, dict]:
+  """The counts of a build (build_stats.json without timings and engine) and the sha256 of each shard file."""
+  with open(os.path.join(out, "build_stats.json")) as f:
+    stats = json.load(f)
+  for key in ("seconds", "engine", "cpu_seconds"):
+    stats.pop(key, None)
+  data = writer.data_dir(out)
+  files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(data.glob("*.array_record-*"))}
+  return stats, files
 
 
 def build_benchmark() -> None:
@@ -173,6 +185,16 @@ def build_benchmark() -> None:
   beam = {r["workers"]: r for r in results if r["engine"] == "beam"}
   if 1 in beam and 2 in beam:
     print(f"2 workers / 1 worker: {beam[1]['wall'] / beam[2]['wall']:.2f}x")
+  digests = {(r["engine"], r["workers"]): _build_digest(r["out"]) for r in results}
+  reference = digests.get(("local", 1))
+  for (engine, workers), (stats, files) in digests.items():
+    if reference and engine == "beam":
+      counts = "identical counts" if stats == reference[0] else "DIFFERENT counts"
+      shards = "byte-identical" if files == reference[1] else "DIFFERENT"
+      print(f"beam, {workers} worker(s) vs local: {counts}, {len(files)} {shards} shards "
+            f"({sum(stats['splits'].values()):,} records kept)")
+      if (stats, files) != reference:
+        raise SystemExit("the engines disagree")
 
 
 def main(argv):

@@ -16,13 +16,14 @@ import pytest
 pytest.importorskip("apache_beam")
 
 from tweetjax.data import builder, formats, pipeline, ranges, synthetic, threads, writer  # noqa: E402
-from tweetjax.data import beam_rounds, beam_shuffle  # noqa: E402
+from tweetjax.data import beam_build, beam_rounds, beam_shuffle  # noqa: E402
 
 FIX = pathlib.Path(__file__).parent / "fixtures"
 TOK = str(FIX / "tokenizer.model")
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TWO_WORKERS = "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
 SPLIT_BYTES = 3000  # small ranges: the JSONL/CSV exports are read in many pieces
+PARTITION_INPUT_BYTES = 400_000  # ~5 partitions per keyed round: duplicates, LSH pairs and threads cross them
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,10 @@ def _files(root) -> dict[str, str]:
 def _both(raw, tmp_path_factory, config):
   out = tmp_path_factory.mktemp("engines")
   local = builder.build(raw, out / "local", config, tokenizer_path=TOK)
-  beam = builder.build(raw, out / "beam", config, tokenizer_path=TOK, engine="beam", beam_options=TWO_WORKERS,
-                       split_bytes=SPLIT_BYTES)
+  with pytest.MonkeyPatch.context() as mp:  # the partition counts are fixed in the driver, when the pipeline is built
+    mp.setattr(beam_build, "PARTITION_INPUT_BYTES", PARTITION_INPUT_BYTES)
+    beam = builder.build(raw, out / "beam", config, tokenizer_path=TOK, engine="beam", beam_options=TWO_WORKERS,
+                         split_bytes=SPLIT_BYTES)
   return out, local, beam
 
 
