@@ -64,6 +64,12 @@ def test_partitions_read_what_was_emitted_and_never_orphans(tmp_path, monkeypatc
   assert list(tmp_path.iterdir()) == []
 
 
+def test_buffers_count_the_objects_of_object_columns():
+  keys = np.arange(1000, dtype=np.uint64)
+  records = beam_shuffle.objects([{"id": str(i), "text": "x" * 300} for i in range(1000)])
+  assert beam_shuffle._weight((keys, records)) == keys.nbytes + 1000 * beam_shuffle.OBJECT_BYTES  # not 8 B a pointer
+
+
 def test_stores_read_back_by_name(tmp_path):
   sigs = np.arange(12, dtype=np.uint32).reshape(3, 4)
   ref = beam_shuffle.write_store(str(tmp_path), "000001", {"hkeys": [2**127, 5, 2**64], "sigs": sigs},

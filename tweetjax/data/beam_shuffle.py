@@ -96,7 +96,10 @@ def objects(seq: Sequence) -> np.ndarray:
 
 
 def _weight(chunk) -> int:
-  return sum(c.nbytes for c in chunk) if is_columns(chunk) else OBJECT_BYTES * len(chunk)
+  """Estimated bytes in memory: an object column's nbytes counts only its pointers, not the objects."""
+  if not is_columns(chunk):
+    return OBJECT_BYTES * len(chunk)
+  return sum(OBJECT_BYTES * len(c) if c.dtype == object else c.nbytes for c in chunk)
 
 
 # ---- blobs
