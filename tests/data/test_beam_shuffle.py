@@ -90,3 +90,11 @@ def test_buckets_cover_every_shard():
         b = buckets.of(split, h)
         assert buckets.split_of(b) == split
         assert b in buckets.covering(split, writer.shard_of(h, shards), shards)
+
+
+def test_streamed_shard_refuses_examples_out_of_order(tmp_path):
+  path = writer.shard_path(tmp_path, "train", 0, 1)
+  with pytest.raises(ValueError, match="out of hash-key order"):
+    writer.write_shard(path, iter([(5, b"a"), (3, b"b")]), ordered=True)
+  assert not path.exists()
+  assert writer.write_shard(path, iter([(3, b"b"), (5, b"aa")]), ordered=True) == (2, 3) and path.exists()

@@ -147,11 +147,9 @@ def _shard_tasks(finals: list, buckets: beam_rounds.Buckets):
       yield split, shard, shards, parts
 
 
-def _write_shard(task, root: str):
-  """The shard's kept examples: each covering bucket's store is in hash-key order, so a shard is a slice of it."""
-  t0 = time.thread_time()
-  split, shard, shards, parts = task
-  examples = []
+def _shard_examples(parts, shard: int, shards: int):
+  """The shard's kept examples in hash-key order: the covering buckets are consecutive hash ranges and each store
+  is in hash-key order, so a shard is a slice of each; one store is held at a time."""
   for _, store, mask, _, _ in sorted(parts, key=lambda f: f[0]):
     hkeys, payload = beam_shuffle.read_store(store, "hkeys", "payload")
     rows = range(len(hkeys)) if mask is None else np.flatnonzero(
@@ -159,8 +157,16 @@ def _write_shard(task, root: str):
     where = lambda i: writer.shard_of(hkeys[rows[i]], shards)  # non-decreasing in the hash key
     lo = bisect.bisect_left(range(len(rows)), shard, key=where)
     hi = bisect.bisect_right(range(len(rows)), shard, lo=lo, key=where)
-    examples += [(hkeys[i], payload[i]) for i in rows[lo:hi]]
-  count, size = writer.write_shard(writer.shard_path(root, split, shard, shards), examples)
+    for i in rows[lo:hi]:
+      yield hkeys[i], payload[i]
+    del hkeys, payload
+
+
+def _write_shard(task, root: str):
+  t0 = time.thread_time()
+  split, shard, shards, parts = task
+  count, size = writer.write_shard(writer.shard_path(root, split, shard, shards),
+                                   _shard_examples(parts, shard, shards), ordered=True)
   _cpu("write", t0)
   return split, shard, shards, count, size
 
