@@ -7,7 +7,7 @@ def get_config(arg=None):
   del arg
   config = base_config()
   config.model.update(vocab_size=32_000, d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
-                      mlp_dim=1408)
+                      mlp_dim=1408, logits_chunk=1024)  # tiled LM head + loss: no [4096, 32000] logits
   config.mesh.update(data=-1)
   config.data.seq_len = 512
   config.data.global_batch_size = 8

@@ -118,3 +118,19 @@ def test_hlo_reader_weights_loop_bodies_by_trip_count():
   assert stats["all-gather"].wire_bytes == 5 * 8 * 64 * 4 * 3 / 4  # groups of 4
   assert stats["reduce-scatter"].payload_bytes == 5 * 8 * 4 * 4 * 4  # input = output x group size
   assert stats["all-reduce"].executions == 1 and stats["all-reduce"].wire_bytes == 2 * 8 * 16 * 4 * 3 / 4
+
+
+def test_analytic_memory_knows_blockwise_attention_and_the_tiled_loss():
+  from tweetjax.perf.memory import activations
+  b, L, V = 2, 1024, 32_000
+  dense = ModelConfig(vocab_size=V, remat_policy="dots", attention_impl="xla")
+  tiled = ModelConfig(vocab_size=V, remat_policy="dots", attention_impl="blockwise", attention_block_size=128,
+                      logits_chunk=256)
+  args = (b, L, 1, 1, 1, "dots", 4)
+  a, t = activations(dense, *args), activations(tiled, *args)
+  H, D = dense.num_heads, dense.d_model
+  assert a.saved_scores == dense.num_layers * b * H * L * L * 4 and t.saved_scores == 0  # no [L, L] kept
+  assert a.transient_scores == 3 * b * H * L * L * 4 and t.transient_scores == 3 * b * H * 128 * 128 * 4
+  assert a.logits == b * L * V * 12
+  assert t.logits == 256 * V * 16 + D * V * 4 + b * L * D * 4  # one chunk, whatever b * L
+  assert activations(tiled, 4 * b, *args[1:]).logits - t.logits == 3 * b * L * D * 4

@@ -56,7 +56,8 @@ def test_two_processes_match_one(tmp_path):
   assert got[-1] < got[0]  # it trained
   # Both processes checkpointed together at the end (orbax across processes).
   assert os.path.isdir(multi / "checkpoints" / str(_STEPS))
-  assert load_config("tiny").mesh.to_dict() == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+  assert load_config("tiny").mesh.to_dict() == {"data": 2, "stage": 1, "fsdp": 2, "expert": 1, "context": 1,
+                                                "tensor": 2}
 
 
 def _run_single(workdir, overrides) -> list[float]:
@@ -126,3 +127,40 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_p
   got = _losses(workdir)
   assert len(got) == len(expected) == step + 2
   assert got == pytest.approx(expected, rel=1e-5)
+
+
+_PIPELINE_MESH = ["--config.mesh.data=1", "--config.mesh.stage=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                  "--config.train.pipeline_microbatches=2"]
+
+
+@pytest.mark.slow
+def test_pipeline_stages_on_two_nodes_match_one_process(tmp_path):
+  """Each process is a node of 4 devices: the node-major mesh puts `stage` across the nodes (the pipeline's
+  activations cross processes) and fsdp x tensor inside each; the losses are the single-process ones."""
+  train = [os.path.join(REPO, "tools", "train.py"), "--config=" + os.path.join(REPO, "experiments", "tiny.py")]
+  multi = tmp_path / "multi"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tools", "launch_local.py"), "--num_processes=2",
+       "--devices_per_process=4", "--timeout_s=500", "--"] + train + [f"--workdir={multi}"] + _OVERRIDES
+      + _PIPELINE_MESH, cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+  assert "mesh over 8 devices on 2 node(s)" in proc.stdout
+  assert "stage        2  across 2 nodes" in proc.stdout and "tensor       2  inside one node" in proc.stdout
+  assert "bubble 33.3%" in proc.stdout
+  expected = _run_single(tmp_path / "single", _OVERRIDES + _PIPELINE_MESH)
+  got = _losses(multi)
+  assert len(got) == _STEPS and got == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_context_across_nodes_is_refused_before_compiling(tmp_path):
+  """context x tensor = 8 devices cannot fit in a node of 4: the job stops before it compiles or writes."""
+  train = [os.path.join(REPO, "tools", "train.py"), "--config=" + os.path.join(REPO, "experiments", "tiny.py")]
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tools", "launch_local.py"), "--num_processes=2",
+       "--devices_per_process=4", "--timeout_s=300", "--"] + train + [f"--workdir={tmp_path}"] + _OVERRIDES
+      + ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.context=4", "--config.mesh.tensor=2"],
+      cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=400)
+  assert proc.returncode != 0
+  assert "mesh axis 'context' (config.mesh.context=4) spans 2 nodes" in proc.stdout + proc.stderr
+  assert not (tmp_path / "metrics.jsonl").exists()

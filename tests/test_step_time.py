@@ -136,7 +136,8 @@ def test_slice_plans():
   assert s.slice_mesh["data"] == 1 and s.devices == 512 and s.is_slice
   assert plan.plan_slice({"fsdp": 64, "tensor": 8}).slice_mesh == links.full_mesh({"fsdp": 64, "tensor": 8})
   assert plan.plan_slice({"fsdp": 128, "tensor": 8}).slice_mesh is None  # no data axis to shrink
-  assert "stage" in plan.plan_slice({"stage": 4, "tensor": 8}, supported_axes=MESH_AXES).reason
+  assert plan.plan_slice({"stage": 4, "tensor": 8}, supported_axes=MESH_AXES).slice_mesh["stage"] == 4
+  assert "stage" in plan.plan_slice({"stage": 4, "tensor": 8}, supported_axes=("data", "fsdp", "tensor")).reason
 
 
 def test_pipeline_bubble():

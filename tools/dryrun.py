@@ -88,7 +88,7 @@ def main(argv):
     if config is None:
       return
   elif _MESH.value:
-    mesh = {axis: 1 for axis in ("data", "fsdp", "expert", "tensor")}
+    mesh = {axis: 1 for axis in config.mesh.keys()}
     mesh.update(parse_mesh(_MESH.value))
     config.mesh.update(mesh)
   sizes = [int(v) for v in config.mesh.values()]

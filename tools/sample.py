@@ -4,7 +4,11 @@
       [--checkpoint_step=N] [--temperature=0.8 --top_k=0 --top_p=0.95 --max_new_tokens=40] [--greedy]
 
 --prompt may repeat (one batch, prompts of different lengths are left-padded). Defaults come from config.eval.
+--chat writes each prompt as a user turn in the fine-tuning chat template (config.data.sft, tweetjax/data/sft.py),
+as a fine-tuned model saw its prompts, and the reply ends at the template's end-of-turn marker.
 """
+
+import dataclasses
 
 import jax
 from absl import app, flags
@@ -27,6 +31,7 @@ _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus mass (1: off).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate at most (stops earlier at EOS).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _NO_CACHE = flags.DEFINE_bool("no_cache", False, "Recompute the whole sequence every step (slow; for checks).")
+_CHAT = flags.DEFINE_bool("chat", False, "Prompts are user turns in the config.data.sft chat template.")
 
 
 def main(argv):
@@ -44,8 +49,16 @@ def main(argv):
   params, step = common.restore_params(experiment, _WORKDIR.value, _STEP.value)
   sampler = Sampler(experiment.model, experiment.mesh, experiment.rules, pad_id=tokenizer.pad_id)
   prompts = common.normalize_texts(config, [p for p in _PROMPT.value for _ in range(_NUM_SAMPLES.value)])
-  completions = generate_text(sampler, params, tokenizer, prompts, sampling, jax.random.key(_SEED.value),
-                              use_cache=not _NO_CACHE.value)
+  if _CHAT.value:
+    from tweetjax.data import sft  # pylint: disable=g-import-not-at-top
+    encoder = sft.encoder_from_config(config, tokenizer)
+    sampling = dataclasses.replace(sampling, vocab_size=tokenizer.vocab_size)
+    output = sampler.generate(params, [encoder.prompt_ids([{"role": "user", "content": p}]) for p in prompts],
+                              sampling, jax.random.key(_SEED.value), use_cache=not _NO_CACHE.value)
+    completions = [tokenizer.decode([t for t in row if t != sampling.eos_id]) for row in output.tokens]
+  else:
+    completions = generate_text(sampler, params, tokenizer, prompts, sampling, jax.random.key(_SEED.value),
+                                use_cache=not _NO_CACHE.value)
   print(f"step {step}, {sampling}")
   for i, (prompt, completion) in enumerate(zip(prompts, completions)):
     print(f"[{i}] {prompt}{' ' if prompt else ''}{completion}")

@@ -21,15 +21,21 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   # Architecture: the fields of tweetjax.model.config.ModelConfig, documented there.
-  config.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
+  config.model = ml_collections.ConfigDict(ModelConfig.config_keys())
 
   # Mesh axis sizes; their product must equal the device count; one axis may be -1 (= all remaining devices).
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
+  # Axes, outermost first: data, stage (pipeline), fsdp, expert, context (sequence), tensor.
+  config.mesh = ml_collections.ConfigDict({"data": -1, "stage": 1, "fsdp": 1, "expert": 1, "context": 1,
+                                           "tensor": 1})
+  # How the mesh maps onto nodes (tweetjax/parallel/mesh.py): inner axes stay inside a node.
+  config.topology = ml_collections.ConfigDict()
+  config.topology.devices_per_node = 0  # 0: one process per node (its local devices); N: N devices per node
+  config.topology.cross_node = "error"  # `tensor` or `context` spanning nodes: "error" before compiling | "warn"
   # Logical axis name -> mesh axes (or None). The only place that decides placement.
   config.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "synthetic"  # "synthetic": learnable random-token stream; "tweets": the tweet loader
+  config.data.source = "synthetic"  # "synthetic": learnable random-token stream; "tweets": the tweet loader; "sft"
   config.data.seq_len = 128
   config.data.global_batch_size = 16
   config.data.dataset_dir = ""  # tools/build_dataset.py output (tweets)
@@ -41,6 +47,21 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.mixture = ""
   # Text normalization applied by the loader: tweetjax.data.normalize.NormalizeConfig documents each option.
   config.data.normalize = ml_collections.ConfigDict(dataclasses.asdict(NormalizeConfig()))
+
+  # --- Supervised fine-tuning data (config.data.source="sft"; tweetjax/data/sft.py documents the formats) ---
+  config.data.sft = ml_collections.ConfigDict()
+  config.data.sft.train_files = ""  # comma-separated JSONL files/directories: {"prompt", "response"} or {"messages"}
+  config.data.sft.validation_files = ""  # "": hold out validation_fraction of train_files (by a hash of the example)
+  config.data.sft.validation_fraction = 0.05
+  config.data.sft.template = "plain"  # chat template: plain | sep | custom (then the three *_format keys below)
+  # custom: how each message is written; "{content}" once, "{bos}"/"{eos}" and config.data.sft.special_tokens map to
+  # single token ids. An assistant turn trains on its content and what follows it, not on the text before {content}.
+  config.data.sft.system_format = "{content}\n"
+  config.data.sft.user_format = "{content}\n"
+  config.data.sft.assistant_format = "{content}{eos}"
+  config.data.sft.special_tokens = ""  # comma-separated pieces of the formats to emit as single ids (e.g. "<sep>")
+  config.data.sft.normalize = True  # message contents get config.data.normalize, as the eval jobs' texts do
+  # --- end fine-tuning data ---
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 3e-4
@@ -57,8 +78,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.steps = 1000
   config.train.microbatches = 1  # gradient accumulation inside the jitted step
+  # Pipeline (mesh.stage > 1, tweetjax/parallel/pipeline.py): each accumulation microbatch is split again into
+  # this many pipeline microbatches (>= mesh.stage); the layers run in pipeline_repeats circular passes over the
+  # stages. Bubble: (stages - 1) / (repeats x microbatches + stages - 1).
+  config.train.pipeline_microbatches = 1
+  config.train.pipeline_repeats = 1
   config.train.z_loss_weight = 1e-4
   config.train.log_every = 10
+  # Fine-tuning: a new run starts from these params (fresh optimizer, step 0) instead of a random init: a tweetjax
+  # workdir (its newest complete checkpoint, or init_from_step) or a Hugging Face checkpoint directory. Ignored once
+  # the workdir has checkpoints of its own (a restarted fine-tune resumes; it never restarts from the base).
+  config.train.init_from = ""
+  config.train.init_from_step = -1  # checkpoint step of a tweetjax init_from workdir; -1: its newest complete one
 
   # --- Training loop: checkpoints, preemption, metrics, profiling (tweetjax/train/loop.py) ---
   config.train.nonfinite = "skip"  # NaN/Inf loss or grad norm: "skip" the update (counted) | "stop" the run
@@ -69,6 +100,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.peak_flops_per_device = 0.0  # MFU denominator; 0: from the device kind (CPU: a measured matmul)
   config.train.preemption_check_every = 1  # steps between the multi-host agreement on a SIGTERM stop
   config.train.tensorboard = True  # event files in <workdir>/tensorboard (metrics.jsonl is always written)
+
+  # --- LoRA (tweetjax/model/lora.py): low-rank adapters; the base weights stay frozen, with no optimizer state ---
+  config.lora = ml_collections.ConfigDict()
+  config.lora.rank = 0  # 0: no adapters (every weight trains); r > 0: adapters of rank r on config.lora.targets
+  config.lora.alpha = 16.0  # adapter outputs are scaled by alpha / rank
+  config.lora.dropout = 0.0  # dropout on the adapters' inputs while training
+  config.lora.targets = "attention,mlp"  # comma-separated among query,key,value,out,gate,up,down; attention, mlp, all
+  # --- end LoRA ---
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 500  # async save every N steps (0: only at the end and on preemption)
@@ -89,6 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.probe_learning_rate = 0.05
   config.eval.probe_l2 = 1e-3  # L2 penalty on the probe weights
   config.eval.flagging_zero_shot = True  # flagging: also score label prompts zero-shot (2 x labels passes per tweet)
+  # flagging: also classify by generation, log p("yes") - log p("no") after the fine-tuning label prompt in the
+  # config.data.sft template (tweetjax/evaluate/sft_sets.py), next to the probe on the same split
+  config.eval.flagging_generative = True
   config.eval.search_head_steps = 200  # search: InfoNCE steps of a linear head on pooled states (0: raw pooled)
   config.eval.search_head_dim = 64
   config.eval.search_temperature = 0.05

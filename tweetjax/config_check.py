@@ -19,13 +19,16 @@ from typing import Any, Callable, Iterator, Mapping
 
 import ml_collections
 
-from tweetjax.model.config import ATTENTION_IMPLS, MOE_IMPLS, NORM_STYLES, REMAT_POLICIES, ROPE_SCALINGS
+from tweetjax.model.config import (ATTENTION_IMPLS, CONTEXT_ATTENTION, LORA_GROUPS, LORA_TARGETS, MOE_IMPLS,
+                                   NORM_STYLES, REMAT_POLICIES,
+                                   ROPE_SCALINGS)
 from tweetjax.parallel.mesh import MESH_AXES
 from tweetjax.train.optimizer import SCHEDULES
 from tweetjax.train.profiling import parse_profile_steps
 
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_SOURCES = ("synthetic", "tweets")
+DATA_SOURCES = ("synthetic", "tweets", "sft")
+SFT_TEMPLATES = ("plain", "sep", "custom")  # tweetjax/data/sft.py TEMPLATES, and "custom"
 NONFINITE_MODES = ("skip", "stop")
 
 
@@ -80,6 +83,11 @@ def _profile_steps(v) -> bool:
   except ValueError:
     return False
   return isinstance(v, str)
+
+
+def _lora_targets(v) -> bool:
+  names = [t.strip() for t in v.split(",")] if isinstance(v, str) else None
+  return bool(names) and all(n in LORA_TARGETS or n in LORA_GROUPS for n in names)
 
 
 def _axis_rules(v) -> bool:
@@ -138,6 +146,9 @@ RULES: dict[str, Rule] = {
     "model.remat_policy": one_of(*REMAT_POLICIES),
     "model.scan_layers": BOOL,
     "model.attention_impl": one_of(*ATTENTION_IMPLS),
+    "model.attention_block_size": POSITIVE_INT,
+    "model.logits_chunk": COUNT,  # 0: dense logits
+    "model.context_attention": one_of(*CONTEXT_ATTENTION),
     "model.num_experts": COUNT,
     "model.experts_per_token": POSITIVE_INT,
     "model.moe_every": POSITIVE_INT,
@@ -148,6 +159,8 @@ RULES: dict[str, Rule] = {
     "model.moe_impl": one_of(*MOE_IMPLS),
     # mesh and placement
     **{f"mesh.{axis}": MESH_SIZE for axis in MESH_AXES},
+    "topology.devices_per_node": COUNT,
+    "topology.cross_node": one_of("error", "warn"),
     "logical_axis_rules": Rule(_axis_rules, f"a list of [logical_name, mesh axes] pairs, mesh axes None, one of "
                                             f"{list(MESH_AXES)} or a list of them"),
     # data
@@ -166,6 +179,15 @@ RULES: dict[str, Rule] = {
     "data.normalize.scrub_pii": BOOL,
     "data.normalize.mentions": one_of("token", "keep"),
     "data.normalize.collapse_whitespace": BOOL,
+    "data.sft.train_files": STRING,
+    "data.sft.validation_files": STRING,
+    "data.sft.validation_fraction": real(0.0, 1.0, high_open=True),
+    "data.sft.template": one_of(*SFT_TEMPLATES),
+    "data.sft.system_format": STRING,  # the {content} field and the rest: ChatTemplate, with the key named
+    "data.sft.user_format": STRING,
+    "data.sft.assistant_format": STRING,
+    "data.sft.special_tokens": STRING,
+    "data.sft.normalize": BOOL,
     # optimizer
     "optimizer.learning_rate": NON_NEGATIVE,
     "optimizer.schedule": one_of(*SCHEDULES),
@@ -180,6 +202,8 @@ RULES: dict[str, Rule] = {
     # train
     "train.steps": COUNT,
     "train.microbatches": POSITIVE_INT,
+    "train.pipeline_microbatches": POSITIVE_INT,
+    "train.pipeline_repeats": POSITIVE_INT,
     "train.z_loss_weight": NON_NEGATIVE,
     "train.log_every": POSITIVE_INT,
     "train.nonfinite": one_of(*NONFINITE_MODES),
@@ -190,6 +214,14 @@ RULES: dict[str, Rule] = {
     "train.peak_flops_per_device": NON_NEGATIVE,
     "train.preemption_check_every": POSITIVE_INT,
     "train.tensorboard": BOOL,
+    "train.init_from": STRING,
+    "train.init_from_step": integer(-1),
+    # LoRA
+    "lora.rank": COUNT,
+    "lora.alpha": POSITIVE,
+    "lora.dropout": real(0.0, 1.0, high_open=True),
+    "lora.targets": Rule(_lora_targets, f"comma-separated names among {list(LORA_TARGETS)} or groups "
+                                        f"{sorted(LORA_GROUPS)}"),
     # checkpoint
     "checkpoint.every_steps": COUNT,
     "checkpoint.max_to_keep": COUNT,  # 0: keep all
@@ -205,6 +237,7 @@ RULES: dict[str, Rule] = {
     "eval.probe_learning_rate": POSITIVE,
     "eval.probe_l2": NON_NEGATIVE,
     "eval.flagging_zero_shot": BOOL,
+    "eval.flagging_generative": BOOL,
     "eval.search_head_steps": COUNT,
     "eval.search_head_dim": POSITIVE_INT,
     "eval.search_temperature": POSITIVE,

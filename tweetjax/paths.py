@@ -6,8 +6,9 @@ launches) may start elsewhere, so every tool resolves its path flags and its con
 parsing, and the config a run saves records the absolute paths.
 
 Config keys holding paths are found by name: any string leaf called `*_dir`, `*_path`, `*_file` or listed in
-EXTRA_PATH_KEYS, at any depth (also inside lists of ConfigDicts, e.g. data mixtures). A value that is empty, one of
-SPECIAL_VALUES (e.g. `compilation_cache_dir="none"`) or a URL (`gs://...`) is left as it is.
+EXTRA_PATH_KEYS, at any depth (also inside lists of ConfigDicts, e.g. data mixtures), and `*_files`, a
+comma-separated list of paths (`data.sft.train_files`). A value that is empty, one of SPECIAL_VALUES (e.g.
+`compilation_cache_dir="none"`) or a URL (`gs://...`) is left as it is.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Iterable
 import ml_collections
 
 PATH_SUFFIXES = ("_dir", "_path", "_file")
+PATH_LIST_SUFFIXES = ("_files",)  # comma-separated paths
 EXTRA_PATH_KEYS = frozenset({"init_from"})
 SPECIAL_VALUES = frozenset({"none"})  # compared lower-cased
 
@@ -40,7 +42,13 @@ def absolute_config_arg(config_arg: str) -> str:
 
 
 def is_path_key(name: str) -> bool:
-  return name.endswith(PATH_SUFFIXES) or name in EXTRA_PATH_KEYS
+  return name.endswith(PATH_SUFFIXES + PATH_LIST_SUFFIXES) or name in EXTRA_PATH_KEYS
+
+
+def _absolute_value(name: str, value: str) -> str:
+  if name.endswith(PATH_LIST_SUFFIXES):
+    return ",".join(absolute(p.strip()) for p in value.split(",") if p.strip())
+  return absolute(value)
 
 
 def resolve_config_paths(config: ml_collections.ConfigDict) -> dict[str, str]:
@@ -57,7 +65,7 @@ def resolve_config_paths(config: ml_collections.ConfigDict) -> dict[str, str]:
         key = f"{prefix}{name}"
         if isinstance(value, str):
           if is_path_key(str(name)) and value.lower() not in SPECIAL_VALUES:
-            resolved = absolute(value)
+            resolved = _absolute_value(str(name), value)
             if resolved != value:
               node[name] = resolved
               changed[key] = resolved
@@ -73,8 +81,9 @@ def resolve_config_paths(config: ml_collections.ConfigDict) -> dict[str, str]:
 
 def absolute_override(key: str, value: Any) -> Any:
   """A `--config.<key>=<value>` override with a path value made absolute (other values unchanged)."""
-  if isinstance(value, str) and is_path_key(key.rsplit(".", 1)[-1]) and value.lower() not in SPECIAL_VALUES:
-    return absolute(value)
+  name = key.rsplit(".", 1)[-1]
+  if isinstance(value, str) and is_path_key(name) and value.lower() not in SPECIAL_VALUES:
+    return _absolute_value(name, value)
   return value
 
 

@@ -36,8 +36,9 @@ def eval_overrides(dataset_dir: str, eval_dir: str) -> dict[str, object]:
       "data.source": "tweets", "data.dataset_dir": dataset_dir, "data.tokenizer_path": TOKENIZER,
       "train.steps": TRAIN_STEPS, "optimizer.learning_rate": LEARNING_RATE, "optimizer.warmup_steps": 10,
       "eval.data_dir": eval_dir, "eval.batch_size": 32, "eval.max_len": 128, "eval.probe_steps": 200,
-      # Zero-shot flagging is checked directly (test_jobs.py); it triples the job's forward passes.
-      "eval.flagging_zero_shot": False,
+      # Zero-shot flagging is checked directly (test_jobs.py); it triples the job's forward passes. Generative
+      # flagging is for fine-tuned checkpoints (test_finetune.py).
+      "eval.flagging_zero_shot": False, "eval.flagging_generative": False,
       "eval.search_head_steps": 150, "eval.personalization_head_steps": 150, "eval.max_new_tokens": 24,
   }
 

@@ -253,7 +253,7 @@ def test_grok1_shape_on_512_device_mesh():
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["devices"] == 512
-  assert result["mesh"] == {"data": 1, "fsdp": 16, "expert": 8, "tensor": 4}
+  assert result["mesh"] == {"data": 1, "stage": 1, "fsdp": 16, "expert": 8, "context": 1, "tensor": 4}
   assert abs(result["params"] - 314e9) / 314e9 < 0.01, result
   # Expert weights [layers, E, D, F] split 512 ways (expert x fsdp x tensor); the rest (attention, embedding: 2%
   # of the params) too (d_model over fsdp x expert, heads/vocab over tensor; norms and the router's expert axis are

@@ -1,7 +1,7 @@
 """Packs many short documents into fixed-length rows: the batch contract of the model and the trainer.
 
-Each document is `[BOS] + ids + [EOS]`; its inputs are doc[:-1] and its targets doc[1:], so a row never asks the
-model to predict across documents. A document with more than L input tokens is cut into consecutive chunks of at
+Each document is `[BOS] + ids + [EOS]` (`[BOS] + ids` with `add_eos=False`, for documents that carry their own end
+markers); its inputs are doc[:-1] and its targets doc[1:], so a row never asks the model to predict across documents. A document with more than L input tokens is cut into consecutive chunks of at
 most L (input, target) pairs, each its own segment with positions restarting at 0; nothing is dropped.
 
 Rows come from best-fit-decreasing bin packing over a window of documents (bisect over the sorted remaining
@@ -10,7 +10,8 @@ capacities: O(log R) per chunk), then one vectorized numpy scatter writes all to
   targets     int32[R, L]   next-token ids (pad_id on padding)
   segment_ids int32[R, L]   1..n per packed document (chunk) within a row, 0 = padding
   positions   int32[R, L]   position within its segment, from 0; 0 on padding
-  weights     float32[R, L] 1.0 where the target counts in the loss, 0.0 on padding
+  weights     float32[R, L] 1.0 where the target counts in the loss, 0.0 on padding (and, with `loss_masks`, on
+                            targets whose mask is False: e.g. the prompt of a fine-tuning example)
 Dims: N documents, C chunks, T tokens, R rows, L sequence length.
 """
 
@@ -58,20 +59,32 @@ def best_fit_decreasing(sizes_C: np.ndarray, capacity: int) -> tuple[np.ndarray,
 
 
 def pack(ids: Sequence[Sequence[int]] | tuple[np.ndarray, np.ndarray], seq_len: int, bos_id: int, eos_id: int,
-         pad_id: int = 0) -> dict[str, np.ndarray]:
-  """Packs documents (token-id lists without BOS/EOS, or `flatten`'s output) into rows; see the module docstring."""
+         pad_id: int = 0, *, add_eos: bool = True, loss_masks: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """Packs documents (token-id lists without BOS/EOS, or `flatten`'s output) into rows; see the module docstring.
+
+  loss_masks: bool[T] aligned with the flattened ids: whether predicting that token counts in the loss (the appended
+  EOS always counts). None: every target counts.
+  """
   L = seq_len
   ids_T, n_N = ids if isinstance(ids, tuple) else flatten(ids)
-  full_len_N = n_N + 2
+  full_len_N = n_N + (2 if add_eos else 1)
   full_start_N = np.cumsum(full_len_N) - full_len_N
   full_T = np.empty(int(full_len_N.sum()), np.int32)
   full_T[full_start_N] = bos_id
-  full_T[full_start_N + full_len_N - 1] = eos_id
+  if add_eos:
+    full_T[full_start_N + full_len_N - 1] = eos_id
   ids_start_N = np.cumsum(n_N) - n_N
-  full_T[np.repeat(full_start_N + 1 - ids_start_N, n_N) + np.arange(len(ids_T))] = ids_T
+  ids_dest_T = np.repeat(full_start_N + 1 - ids_start_N, n_N) + np.arange(len(ids_T))
+  full_T[ids_dest_T] = ids_T
+  full_mask_T = None
+  if loss_masks is not None:
+    if len(loss_masks) != len(ids_T):
+      raise ValueError(f"loss_masks has {len(loss_masks)} entries for {len(ids_T)} tokens")
+    full_mask_T = np.ones(len(full_T), bool)
+    full_mask_T[ids_dest_T] = loss_masks
 
-  # chunks: document d has n+1 (input, target) pairs, cut every L
-  pairs_N = n_N + 1
+  # chunks: document d has len - 1 (input, target) pairs, cut every L
+  pairs_N = full_len_N - 1
   chunks_N = (pairs_N + L - 1) // L
   doc_C = np.repeat(np.arange(len(n_N)), chunks_N)
   chunk_idx_C = np.arange(len(doc_C)) - np.repeat(np.cumsum(chunks_N) - chunks_N, chunks_N)
@@ -102,9 +115,12 @@ def pack(ids: Sequence[Sequence[int]] | tuple[np.ndarray, np.ndarray], seq_len: 
   targets[dest_T] = full_T[src_T + 1]
   segment_ids[dest_T] = np.repeat(seg_C, size_C)
   positions[dest_T] = within_T
+  weights = (segment_ids > 0).astype(np.float32)
+  if full_mask_T is not None:
+    weights[dest_T] = full_mask_T[src_T + 1]
   return {"inputs": inputs.reshape(shape), "targets": targets.reshape(shape),
           "segment_ids": segment_ids.reshape(shape), "positions": positions.reshape(shape),
-          "weights": (segment_ids > 0).astype(np.float32).reshape(shape)}
+          "weights": weights.reshape(shape)}
 
 
 def efficiency(batch: dict[str, np.ndarray]) -> float:

@@ -70,16 +70,81 @@ def load_examples(dataset_dir: str, split: str) -> list[dict[str, Any]]:
   return src.examples(range(len(src)))
 
 
-class PackedBatchIterator:
-  """Yields this process's rows of each global batch as numpy dicts (the batch contract); checkpointable."""
+class WindowRowIterator:
+  """Global batches cut from a deterministic sequence of packed windows: this process's rows of each, as numpy dicts
+  (the batch contract); checkpointable as {"window", "row"}.
+
+  `windows[w]` must be a pure function of w (a grain MapDataset of packed windows), so resuming recomputes one window
+  and continues exactly. A finite sequence ends with a last batch padded by empty rows.
+  """
+
+  def __init__(self, windows, seq_len: int, global_batch_size: int, pad_id: int, local_rows: slice | None = None):
+    self.windows, self.seq_len, self.global_batch_size, self.pad_id = windows, seq_len, global_batch_size, pad_id
+    self.local_rows = local_rows or slice(0, global_batch_size)
+    self._window, self._row = 0, 0
+    self._rows: dict[str, np.ndarray] | None = None
+    self._rows_window = -1
+
+  def _entered(self, w: int, rows: dict[str, np.ndarray]) -> None:
+    """Called once per window when the iterator first reads it (per-window statistics)."""
+
+  def _window_rows(self, w: int) -> dict[str, np.ndarray] | None:
+    if w >= len(self.windows):
+      return None
+    if self._rows_window != w:
+      self._rows, self._rows_window = self.windows[w], w
+      self._entered(w, self._rows)
+    return self._rows
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts, need = [], self.global_batch_size
+    w, r = self._window, self._row
+    while need:
+      rows = self._window_rows(w)
+      if rows is None:
+        if need == self.global_batch_size:
+          raise StopIteration
+        parts.append(packing.empty_rows(need, self.seq_len, self.pad_id))  # finite pass: pad
+        break
+      take = min(need, len(rows["inputs"]) - r)
+      parts.append({k: rows[k][r:r + take] for k in packing.BATCH_KEYS})
+      need -= take
+      r += take
+      if r == len(rows["inputs"]):
+        w, r = w + 1, 0
+    self._window, self._row = w, r
+    return {k: np.concatenate([p[k] for p in parts])[self.local_rows] for k in packing.BATCH_KEYS}
+
+  def get_state(self) -> dict[str, int]:
+    return {"window": self._window, "row": self._row}
+
+  def set_state(self, state: dict[str, int] | bytes | str) -> None:
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    self._window, self._row = int(state["window"]), int(state["row"])
+
+
+def record_order(num_records: int, *, shuffle: bool, shuffle_seed: int, num_epochs: int | None):
+  """Record indices 0..n-1, shuffled with a seed (each epoch reshuffled), repeated num_epochs times (None: forever):
+  what `.batch(pack_window).map(pack)` turns into a WindowRowIterator's windows."""
+  order = grain.MapDataset.range(num_records)
+  if shuffle:
+    order = order.shuffle(seed=shuffle_seed)
+  return order.repeat(num_epochs or None)
+
+
+class PackedBatchIterator(WindowRowIterator):
+  """The tweet loader: windows of tweets (of one split, or a mixture of datasets), normalized when needed,
+  tokenized and packed."""
 
   def __init__(self, dataset_dir: str, tokenizer: Tokenizer | str, seq_len: int, global_batch_size: int, *,
                split: str = "train", shuffle: bool = True, shuffle_seed: int = 0, num_epochs: int | None = None,
                normalize_config: normalize.NormalizeConfig | dict | None = None, pack_window: int = 4096,
                local_rows: slice | None = None, sources: list[mixture.Source] | None = None):
     self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-    self.seq_len, self.global_batch_size = seq_len, global_batch_size
-    self.local_rows = local_rows or slice(0, global_batch_size)
     self.normalize_config = normalize.NormalizeConfig.from_dict(normalize_config)
     dirs = [s.dataset_dir for s in sources] if sources else [dataset_dir]
     self.source_names = [s.name for s in sources] if sources else [dataset_dir]
@@ -108,15 +173,10 @@ class PackedBatchIterator:
       order = mixture.mixed_order([len(src) for src in self.sources], props, shuffle=shuffle,
                                   shuffle_seed=shuffle_seed, num_epochs=num_epochs or None)
     else:
-      order = grain.MapDataset.range(len(self.source))
-      if shuffle:
-        order = order.shuffle(seed=shuffle_seed)
-      order = order.repeat(num_epochs or None)
-    self.windows = order.batch(pack_window).map(self._pack_window)
-    self._window, self._row = 0, 0
-    self._rows: dict[str, np.ndarray] | None = None
-    self._rows_window = -1
+      order = record_order(len(self.source), shuffle=shuffle, shuffle_seed=shuffle_seed, num_epochs=num_epochs)
     self._tokens_S = np.zeros(len(self.sources), np.int64)  # tokens per source in the windows entered so far
+    super().__init__(order.batch(pack_window).map(self._pack_window), seq_len, global_batch_size,
+                     self.tokenizer.pad_id, local_rows)
 
   def _texts(self, source: int, indices) -> list[str]:
     texts = self.sources[source].texts(indices)
@@ -137,50 +197,15 @@ class PackedBatchIterator:
                                         minlength=len(self.sources)).astype(np.int64)
     return rows
 
-  def _window_rows(self, w: int) -> dict[str, np.ndarray] | None:
-    if w >= len(self.windows):
-      return None
-    if self._rows_window != w:
-      self._rows, self._rows_window = self.windows[w], w
-      self._tokens_S += self._rows["source_tokens"]
-      if len(self.sources) > 1 and w % _LOG_SHARES_EVERY == 0:
-        logging.info("mixture: realised token shares after %d windows: %s", w + 1, self.token_shares())
-    return self._rows
+  def _entered(self, w: int, rows: dict[str, np.ndarray]) -> None:
+    self._tokens_S += rows["source_tokens"]
+    if len(self.sources) > 1 and w % _LOG_SHARES_EVERY == 0:
+      logging.info("mixture: realised token shares after %d windows: %s", w + 1, self.token_shares())
 
   def token_shares(self) -> dict[str, float]:
     """Each source's share of the tokens in the windows this iterator has entered (since it was made)."""
     total = max(int(self._tokens_S.sum()), 1)
     return {n: round(int(t) / total, 4) for n, t in zip(self.source_names, self._tokens_S)}
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    parts, need = [], self.global_batch_size
-    w, r = self._window, self._row
-    while need:
-      rows = self._window_rows(w)
-      if rows is None:
-        if need == self.global_batch_size:
-          raise StopIteration
-        parts.append(packing.empty_rows(need, self.seq_len, self.tokenizer.pad_id))  # finite pass: pad
-        break
-      take = min(need, len(rows["inputs"]) - r)
-      parts.append({k: v[r:r + take] for k, v in rows.items()})
-      need -= take
-      r += take
-      if r == len(rows["inputs"]):
-        w, r = w + 1, 0
-    self._window, self._row = w, r
-    return {k: np.concatenate([p[k] for p in parts])[self.local_rows] for k in packing.BATCH_KEYS}
-
-  def get_state(self) -> dict[str, int]:
-    return {"window": self._window, "row": self._row}
-
-  def set_state(self, state: dict[str, int] | bytes | str) -> None:
-    if isinstance(state, (bytes, str)):
-      state = json.loads(state)
-    self._window, self._row = int(state["window"]), int(state["row"])
 
 
 def iterate_packed_batches(dataset_dir: str, tokenizer: Tokenizer | str, seq_len: int, batch_size: int, *,
@@ -196,7 +221,7 @@ def iterate_packed_batches(dataset_dir: str, tokenizer: Tokenizer | str, seq_len
                              pack_window=pack_window, local_rows=slice(process_index * per, (process_index + 1) * per))
 
 
-def _process_rows(sharding: jax.sharding.Sharding, global_batch_size: int, seq_len: int) -> slice:
+def process_rows(sharding: jax.sharding.Sharding, global_batch_size: int, seq_len: int) -> slice:
   """The contiguous global rows held by this process's devices under `sharding`."""
   idx = sharding.addressable_devices_indices_map((global_batch_size, seq_len))
   starts = sorted({(s[0].start or 0, global_batch_size if s[0].stop is None else s[0].stop) for s in idx.values()})
@@ -208,9 +233,9 @@ def _process_rows(sharding: jax.sharding.Sharding, global_batch_size: int, seq_l
 
 
 class GlobalBatchIterator:
-  """Wraps a PackedBatchIterator: yields dicts of global `jax.Array`s sharded with `batch_sharding(mesh)`."""
+  """Wraps a WindowRowIterator: yields dicts of global `jax.Array`s sharded with `batch_sharding(mesh)`."""
 
-  def __init__(self, local: PackedBatchIterator, sharding: jax.sharding.Sharding):
+  def __init__(self, local: WindowRowIterator, sharding: jax.sharding.Sharding):
     self.local, self.sharding = local, sharding
 
   def __iter__(self):
@@ -239,5 +264,5 @@ def make_iterator(config, mesh: jax.sharding.Mesh, split: str = "train") -> Glob
       data.dataset_dir, data.tokenizer_path, L, B, split=split, shuffle=split == "train",
       shuffle_seed=int(data.shuffle_seed), num_epochs=int(get("num_epochs")) or None,
       normalize_config=get("normalize"), pack_window=int(get("pack_window")),
-      local_rows=_process_rows(sharding, B, L), sources=mixture.parse(str(get("mixture"))) or None)
+      local_rows=process_rows(sharding, B, L), sources=mixture.parse(str(get("mixture"))) or None)
   return GlobalBatchIterator(local, sharding)

@@ -6,7 +6,11 @@ For each prompt of adcopy.jsonl:
   generation            `num_generations` samples with the KV-cache sampler (config.eval temperature/top-k/top-p,
                         max_new_tokens): distinct-1/2 over all generations, mean length in words and tokens;
   safety                the flagging job's probe (trained on flagging_train.jsonl with this checkpoint) applied to
-                        every generation: the fraction flagged for any label, and per label.
+                        every generation: the fraction flagged for any label, and per label;
+  fine-tuned format     with sft/adcopy_eval.jsonl (tools/evaluate.py --build_eval_sets): the NLL per token of
+                        its held-out ad texts in the fine-tuning chat format, this checkpoint's and its base
+                        model's (`sft/nll_per_token`, `sft/base_nll_per_token`, `sft/nll_gain`;
+                        tweetjax/evaluate/finetuned.py).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tweetjax.evaluate import eval_sets, flagging
+from tweetjax.evaluate import eval_sets, finetuned, flagging
 from tweetjax.evaluate import metrics as metrics_lib
 from tweetjax.evaluate.common import EvalContext, normalize_texts
 from tweetjax.model.decode import SamplingConfig, Sampler, generate_text
@@ -54,6 +58,7 @@ def run(ctx: EvalContext, num_generations: int = 2) -> tuple[dict[str, float], d
              "safety/flagged_rate": float(flagged_NxC.any(axis=1).mean())}
   for c, name in enumerate(names):
     results[f"safety/{name}_rate"] = float(flagged_NxC[:, c].mean())
+  results.update(finetuned.adcopy_scores(ctx))
   details = {"prompts": len(prompts), "references": len(references),
              "samples": [{"prompt": p, "copy": g} for p, g in list(zip(requests, generations))[:6]]}
   return results, details

@@ -179,16 +179,23 @@ class TextScorer:
     if len(contexts) != len(continuations):
       raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
     tok = self.tokenizer
-    context_ids = tok.encode_batch(list(contexts))
-    continuation_ids = tok.encode_batch(list(continuations))
+    prefixes = [[tok.bos_id] + ids for ids in tok.encode_batch(list(contexts))]
+    return self.score(params, prefixes, [ids + [tok.eos_id] for ids in tok.encode_batch(list(continuations))])
+
+  def score(self, params: Any, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """log p(continuation | prefix) of token-id sequences (the prefix starts with BOS), and the scored token counts.
+
+    Windowing as in `loglikelihood`: a prefix loses its oldest tokens after the first, a continuation its end.
+    """
     sequences, scored_from = [], []
-    for ctx, cont in zip(context_ids, continuation_ids):
-      cont = cont + [tok.eos_id]
+    for prefix, cont in zip(prefixes, continuations):
+      cont = list(cont)
       if len(cont) > self.max_len:
         cont = cont[:self.max_len]
         self.truncated += 1
       room = self.max_len + 1 - len(cont)  # >= 1: the model reads len(sequence) - 1 <= max_len inputs
-      prefix = [tok.bos_id] + ctx[max(0, len(ctx) + 1 - room):]
+      prefix = list(prefix[:1]) + list(prefix[max(1, len(prefix) + 1 - room):])
       sequences.append(prefix + cont)
       scored_from.append(len(prefix))
     ll_N, _ = self._run(params, sequences, scored_from, [len(s) for s in sequences])

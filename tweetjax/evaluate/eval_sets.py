@@ -25,6 +25,8 @@ examples carry labels (toxicity/spam/misinformation, topic, audience), e.g. the 
             whose histories and candidates are all train tweets, so the ranking head never sees an eval candidate;
   adcopy    one prompt per (audience, topic): an audience phrase and a product word; references are validation tweets
             of that audience and topic.
+It also writes the product fine-tuning sets (ad copy, flagging as generation, replies; SFT JSONL with held-out
+splits) under `<out_dir>/sft/`: tweetjax/evaluate/sft_sets.py.
 """
 
 from __future__ import annotations
@@ -254,9 +256,12 @@ def make_eval_sets(train: list[dict[str, Any]], validation: list[dict[str, Any]]
 
 
 def build_eval_sets(dataset_dir: str, out_dir: str, seed: int = 0, overwrite: bool = False, **sizes) -> dict[str, int]:
-  """Writes every eval-set file under `out_dir` from a built dataset; refuses to replace files unless `overwrite`."""
+  """Writes every eval-set file under `out_dir` from a built dataset, and the product fine-tuning sets under
+  `out_dir/sft` (tweetjax/evaluate/sft_sets.py); refuses to replace files unless `overwrite`."""
   from tweetjax.data import pipeline  # pylint: disable=g-import-not-at-top  (pulls in grain and tfds)
-  existing = [name for name in FILES if os.path.exists(os.path.join(out_dir, name))]
+  from tweetjax.evaluate import sft_sets  # pylint: disable=g-import-not-at-top  (it builds on this module)
+  names = list(FILES) + [os.path.join(sft_sets.DIR, name) for name in sft_sets.FILES]
+  existing = [name for name in names if os.path.exists(os.path.join(out_dir, name))]
   if existing and not overwrite:
     raise EvalSetError(f"{out_dir} already holds {existing}; pass overwrite=True (--overwrite) to replace them")
   train = pipeline.load_examples(dataset_dir, "train")
@@ -265,9 +270,15 @@ def build_eval_sets(dataset_dir: str, out_dir: str, seed: int = 0, overwrite: bo
     raise EvalSetError(f"{dataset_dir}: needs non-empty train and validation splits "
                        f"(got {len(train)} and {len(validation)} examples)")
   records = make_eval_sets(train, validation, seed, **sizes)
-  os.makedirs(out_dir, exist_ok=True)
+  fine_tuning = sft_sets.make_sft_sets(train, validation, records["flagging_train.jsonl"],
+                                       records["flagging_eval.jsonl"], seed)
+  records.update({os.path.join(sft_sets.DIR, name): rows for name, rows in fine_tuning.items()})
+  os.makedirs(os.path.join(out_dir, sft_sets.DIR), exist_ok=True)
   for name, rows in records.items():
     _write(os.path.join(out_dir, name), rows)
+  for name in set(names) - set(records):  # a replaced build's fine-tuning set this dataset no longer yields
+    if os.path.exists(os.path.join(out_dir, name)):
+      os.remove(os.path.join(out_dir, name))
   return {name: len(rows) for name, rows in records.items()}
 
 

@@ -5,8 +5,12 @@
   zero-shot  no training: score(label) = log p(positive prompt) - log p(negative prompt), each prompt being a
              template around the tweet (LABEL_PROMPTS); positive when the score is > 0. On a base model trained
              only on tweets this is near chance; it is meant for larger or instruction-tuned checkpoints.
+  generative as a fine-tuned model answers the label prompts of its fine-tuning set (tweetjax/evaluate/finetuned.py):
+             log p("yes") - log p("no"), positive when > 0, on the same split as the probe; with the base model's
+             macro F1 and AUC next to it when the run has a base (LoRA, or config.train.init_from).
 The headline metrics are the macro averages over labels: `probe/macro_auc` and `probe/macro_f1`.
-config.eval.flagging_zero_shot=False skips the zero-shot mode (it scores 2 x labels sequences per tweet).
+config.eval.flagging_zero_shot=False skips the zero-shot mode (it scores 2 x labels sequences per tweet), and
+config.eval.flagging_generative=False the generative one (the same cost, twice with a base).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tweetjax.evaluate import eval_sets
+from tweetjax.evaluate import eval_sets, finetuned
 from tweetjax.evaluate import metrics as metrics_lib
 from tweetjax.evaluate.common import EvalContext, normalize_texts
 from tweetjax.evaluate.probe import LogisticProbe
@@ -81,5 +85,12 @@ def run(ctx: EvalContext) -> tuple[dict[str, float], dict[str, Any]]:
   results = _report("probe", names, labels, probe.logits(ctx.embed(texts)))
   if ctx.eval_config.flagging_zero_shot:
     results.update(_report("zeroshot", names, labels, zero_shot_scores(ctx, texts, names)))
+  if ctx.eval_config.get("flagging_generative", False):
+    results.update(_report("generative", names, labels, finetuned.flagging_scores(ctx, ctx.params, texts, names)))
+    base = finetuned.base_params(ctx)
+    if base is not None:
+      scores = ctx.cached("base_generative", lambda: finetuned.flagging_scores(ctx, base, texts, names))
+      report = _report("generative", names, labels, scores)
+      results.update({f"generative/base_macro_{k}": report[f"generative/macro_{k}"] for k in ("f1", "auc")})
   details = {"eval_examples": len(texts), "positives": {n: int(labels[:, c].sum()) for c, n in enumerate(names)}}
   return results, details

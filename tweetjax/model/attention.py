@@ -15,8 +15,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tweetjax.model import lora
+from tweetjax.model.blockwise import blockwise_attention
 from tweetjax.model.config import ModelConfig
 from tweetjax.model.layers import constrain, kernel_init, logical_param
+from tweetjax.parallel import context as context_lib
 
 
 def rope_inv_freq(head_dim: int, theta: float, cfg: ModelConfig | None = None) -> jax.Array:
@@ -98,7 +101,10 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
+               token_index_BxL: jax.Array | None = None) -> jax.Array:
+    """token_index_BxL: each slot's index in the original row when the sequence was reordered (the load-balanced
+    context split); causality follows it. None: the natural order."""
     cfg = self.cfg
     D, H, K, Dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt = cfg.compute_dtype
@@ -111,6 +117,9 @@ class Attention(nn.Module):
     q_BxLxHxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, wq_DxHxDh.astype(dt))
     k_BxLxKxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, wk_DxKxDh.astype(dt))
     v_BxLxKxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, wv_DxKxDh.astype(dt))
+    q_BxLxHxDh = lora.adapt(self, "query", x_BxLxD, q_BxLxHxDh, ("embed", "heads", "head_dim"))
+    k_BxLxKxDh = lora.adapt(self, "key", x_BxLxD, k_BxLxKxDh, ("embed", "kv_heads", "head_dim"))
+    v_BxLxKxDh = lora.adapt(self, "value", x_BxLxD, v_BxLxKxDh, ("embed", "kv_heads", "head_dim"))
     if cfg.qkv_bias:  # Qwen2: biases on the q/k/v projections, none on the output
       def bias(name, shape, axes):
         return logical_param(self, name, nn.initializers.zeros, shape, axes, cfg).astype(dt)
@@ -125,15 +134,32 @@ class Attention(nn.Module):
 
     if self.has_variable("cache", "key"):  # decoding: attend over the KV cache (tweetjax.model.decode)
       k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS = self._update_cache(k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL)
-      impl = "xla" if cfg.attention_impl == "cudnn" else cfg.attention_impl  # cuDNN wants L == S masks
+      # cuDNN wants L == S masks; blockwise attention is for training-length L x L (a few new queries against the
+      # whole cache are one block anyway).
+      impl = "xla" if cfg.attention_impl in ("cudnn", "blockwise") else cfg.attention_impl
       out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, impl=impl,
                                            softcap=cfg.attn_logit_softcap)
+    elif context_lib.context_shards() > 1:  # the sequence is split over `context`
+      if token_index_BxL is None:
+        token_index_BxL = jnp.broadcast_to(jnp.arange(x_BxLxD.shape[1], dtype=jnp.int32), segment_ids_BxL.shape)
+      if cfg.context_attention == "ring" and context_lib.ring_fits(*segment_ids_BxL.shape):
+        out_BxLxHxDh = context_lib.ring_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL,
+                                                  token_index_BxL, softcap=cfg.attn_logit_softcap)
+      else:  # the partitioner gathers K/V over `context` (also the path of a batch that does not split)
+        mask_Bx1xLxL = attention_mask(segment_ids_BxL, segment_ids_BxL, token_index_BxL, token_index_BxL)
+        impl = "xla" if cfg.attention_impl in ("cudnn", "blockwise") else cfg.attention_impl
+        out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL, impl=impl,
+                                             softcap=cfg.attn_logit_softcap)
+    elif cfg.attention_impl == "blockwise":
+      out_BxLxHxDh = blockwise_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, segment_ids_BxL,
+                                         softcap=cfg.attn_logit_softcap, block=cfg.attention_block_size)
     else:
       mask_Bx1xLxL = attention_mask(segment_ids_BxL, segment_ids_BxL)
       out_BxLxHxDh = dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL,
                                            impl=cfg.attention_impl, softcap=cfg.attn_logit_softcap)
     out_BxLxHxDh = constrain(out_BxLxHxDh, ("act_batch", "act_length", "act_heads", "act_head_dim"))
     out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, wo_HxDhxD.astype(dt))
+    out_BxLxD = lora.adapt(self, "out", out_BxLxHxDh, out_BxLxD, ("heads", "head_dim", "embed"), in_ndim=2)
     return constrain(out_BxLxD, ("act_batch", "act_length", "act_embed"))
 
   def _update_cache(self, k_BxLxKxDh: jax.Array, v_BxLxKxDh: jax.Array, segment_ids_BxL: jax.Array):

@@ -8,10 +8,50 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full")
-ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+ATTENTION_IMPLS = ("xla", "cudnn", "reference", "blockwise")
 NORM_STYLES = ("pre", "sandwich")
 MOE_IMPLS = ("expert_parallel", "dense")
+CONTEXT_ATTENTION = ("ring", "all_gather")
 ROPE_SCALINGS = ("none", "linear", "llama3")
+# Projections LoRA can adapt (param names in Attention and MLP), and the group names config.lora.targets accepts.
+LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
+LORA_GROUPS = {"attention": ("query", "key", "value", "out"), "mlp": ("gate", "up", "down"), "all": LORA_TARGETS}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters (tweetjax/model/lora.py), built from `config.lora`; rank 0 = no adapters."""
+  rank: int = 0
+  alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+  dropout: float = 0.0  # on the adapter's input, in training only (when the apply has a "dropout" rng)
+  targets: tuple[str, ...] = LORA_GROUPS["all"]
+
+  def __post_init__(self):
+    if self.rank < 0:
+      raise ValueError(f"config.lora.rank={self.rank}: expected 0 (off) or a positive rank")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"config.lora.dropout={self.dropout}: expected a probability in [0, 1)")
+    unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+    if unknown or (self.rank and not self.targets):
+      raise ValueError(f"config.lora.targets: unknown {unknown or 'empty'}; expected names among {list(LORA_TARGETS)} "
+                       f"or groups {sorted(LORA_GROUPS)}")
+
+  @classmethod
+  def from_config(cls, lora: Mapping[str, Any] | None) -> "LoraConfig":
+    if not lora:
+      return cls()
+    targets = lora.get("targets", "all")
+    names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
+    expanded = [n for name in names for n in LORA_GROUPS.get(name, (name,))]
+    return cls(rank=int(lora.get("rank", 0)), alpha=float(lora.get("alpha", 16.0)),
+               dropout=float(lora.get("dropout", 0.0)), targets=tuple(dict.fromkeys(expanded)))
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank if self.rank else 0.0
+
+  def adapts(self, name: str) -> bool:
+    return self.rank > 0 and name in self.targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +87,17 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = True
-  attention_impl: str = "xla"
+  # "blockwise" (tweetjax/model/blockwise.py: online softmax over key blocks, no [L, L] scores, the causal blocks
+  # above the diagonal skipped; the fastest on CPU, and the GPU path where cuDNN cannot serve, e.g. a soft-cap) |
+  # "cudnn" | "xla" (jax.nn.dot_product_attention) | "reference" (einsum). KV-cache decoding runs blockwise as "xla".
+  attention_impl: str = "blockwise"
+  attention_block_size: int = 128  # query and key block length of attention_impl="blockwise" (GPUs: 512 or more)
+  # Tokens per chunk of the tiled LM head + cross-entropy (tweetjax/parallel/losses.py), per device: the [tokens, V]
+  # logits are never materialised, only [logits_chunk, V / tensor] at a time. 0: dense logits, then the loss.
+  logits_chunk: int = 0
+  # With the sequence split over `context`: "ring" (tweetjax/parallel/context.py: K/V blocks passed around the
+  # context shards, online softmax) | "all_gather" (the attention above on K/V the partitioner gathers).
+  context_attention: str = "ring"
   # Mixture of experts (tweetjax/model/moe.py). num_experts=0: every MLP is dense.
   num_experts: int = 0
   experts_per_token: int = 2  # top-k
@@ -57,12 +107,17 @@ class ModelConfig:
   router_aux_loss_weight: float = 0.01  # Switch/GShard load-balancing loss (1.0 at perfect balance)
   router_z_loss_weight: float = 0.001  # ST-MoE router z-loss
   moe_impl: str = "expert_parallel"  # "expert_parallel" (shard_map + all-to-all) | "dense" (reference, no drops)
+  # Low-rank adapters: set from `config.lora` (not a config.model key) by `from_config(..., lora=config.lora)`.
+  lora: LoraConfig = LoraConfig()
 
   def __post_init__(self):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"config.model.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"config.model.attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
+    if self.context_attention not in CONTEXT_ATTENTION:
+      raise ValueError(f"config.model.context_attention={self.context_attention!r}: expected one of "
+                       f"{CONTEXT_ATTENTION}")
     if self.norm_style not in NORM_STYLES:
       raise ValueError(f"config.model.norm_style={self.norm_style!r}: expected one of {NORM_STYLES}")
     if self.num_heads % self.num_kv_heads:
@@ -71,11 +126,18 @@ class ModelConfig:
     if not 0 <= self.valid_vocab_size <= self.vocab_size:
       raise ValueError(f"config.model.valid_vocab_size={self.valid_vocab_size}: expected 0 (no padding) up to "
                        f"config.model.vocab_size={self.vocab_size}")
+    if self.attention_block_size < 1:
+      raise ValueError(f"config.model.attention_block_size={self.attention_block_size}: expected a positive number "
+                       "of tokens")
+    if self.logits_chunk < 0:
+      raise ValueError(f"config.model.logits_chunk={self.logits_chunk}: expected 0 (dense logits) or a positive "
+                       "number of tokens per chunk")
     if self.head_dim % 2:
       raise ValueError(f"config.model.head_dim={self.head_dim}: RoPE needs an even head dimension")
     self._validate_rope_scaling()
     if self.attention_impl == "cudnn" and self.attn_logit_softcap:
-      raise ValueError("config.model.attention_impl='cudnn' cannot apply attn_logit_softcap; use 'xla' or 'reference'")
+      raise ValueError("config.model.attention_impl='cudnn' cannot apply attn_logit_softcap; use 'blockwise', 'xla' "
+                       "or 'reference'")
     self._validate_moe()
 
   def _validate_rope_scaling(self):
@@ -117,13 +179,18 @@ class ModelConfig:
     return self.num_experts > 0 and (layer + 1) % self.moe_every == 0
 
   @classmethod
-  def from_config(cls, model_config: Mapping[str, Any]) -> "ModelConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
+  def from_config(cls, model_config: Mapping[str, Any], lora: Mapping[str, Any] | None = None) -> "ModelConfig":
+    fields = {f.name for f in dataclasses.fields(cls)} - {"lora"}
     values = dict(model_config)
     unknown = sorted(set(values) - fields)
     if unknown:
       raise ValueError(f"config.model has unknown keys {unknown}; known keys are {sorted(fields)}")
-    return cls(**values)
+    return cls(**values, lora=LoraConfig.from_config(lora))
+
+  @classmethod
+  def config_keys(cls) -> dict[str, Any]:
+    """The `config.model` keys and their defaults (every field but `lora`, which comes from `config.lora`)."""
+    return {k: v for k, v in dataclasses.asdict(cls()).items() if k != "lora"}
 
   @property
   def compute_dtype(self):

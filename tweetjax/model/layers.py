@@ -1,4 +1,4 @@
-"""Building blocks: RMSNorm, token embedding, SwiGLU MLP.
+"""Building blocks: RMSNorm, token embedding, the LM head, SwiGLU MLP.
 
 Dims: B batch, L length, D d_model, F mlp hidden, V vocab.
 Parameters are created in `param_dtype` with logical axis names; compute runs in `dtype`.
@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
+from tweetjax.model import lora
 from tweetjax.model.config import ModelConfig
 
 Axes = Sequence[str | None]
@@ -43,7 +45,7 @@ class RMSNorm(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding; `attend` reuses the table as the LM head when embeddings are tied."""
+  """Token embedding; with tied embeddings the table is also the LM head's weight (LMHead)."""
   cfg: ModelConfig
 
   def setup(self):
@@ -58,8 +60,43 @@ class Embed(nn.Module):
     x_BxLxD = jnp.take(table_VxD, ids_BxL, axis=0)
     return constrain(x_BxLxD, ("act_batch", "act_length", "act_embed"))
 
-  def attend(self, x_BxLxD: jax.Array) -> jax.Array:
-    return jnp.einsum("bld,vd->blv", x_BxLxD, self.embedding_VxD.astype(self.cfg.compute_dtype))
+
+@flax.struct.dataclass
+class LMHead:
+  """The output layer: final hidden states -> logits. One definition serves the dense logits of the model (training,
+  evaluation, decoding) and the tiled loss (tweetjax/parallel/losses.py), which applies `finalize` to one
+  [tokens, vocab-shard] block at a time.
+
+  `weight` is the untied `lm_head` [D, V] or, with tied embeddings, the embedding table [V, D] (param dtype).
+  """
+  weight: jax.Array
+  cfg: ModelConfig = flax.struct.field(pytree_node=False)
+
+  @property
+  def vocab_axis(self) -> int:
+    """Which axis of `weight` is the vocab: 0 for the tied [V, D] table, 1 for the untied [D, V] head."""
+    return 0 if self.cfg.tie_embeddings else 1
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    w = self.weight.astype(self.cfg.compute_dtype)
+    z_BxLxV = jnp.einsum("bld,vd->blv" if self.vocab_axis == 0 else "bld,dv->blv", x_BxLxD, w)
+    return self.finalize(z_BxLxV)
+
+  def finalize(self, z_xV: jax.Array, vocab_start: int | jax.Array = 0) -> jax.Array:
+    return finalize_logits(self.cfg, z_xV, vocab_start)
+
+
+def finalize_logits(cfg: ModelConfig, z_xV: jax.Array, vocab_start: int | jax.Array = 0) -> jax.Array:
+  """Elementwise end of the LM head: the final-logit soft-cap and the mask of vocab padding, on logits whose last
+  axis holds the vocab ids [vocab_start, vocab_start + z_xV.shape[-1])."""
+  if cfg.final_logit_softcap:
+    cap = cfg.final_logit_softcap
+    z_xV = (cap * jnp.tanh(z_xV.astype(jnp.float32) / cap)).astype(z_xV.dtype)
+  if 0 < cfg.valid_vocab_size < cfg.vocab_size:
+    # The most negative finite value, not -inf: exp gives exactly 0 and p * log p stays 0 instead of NaN.
+    real_V = vocab_start + jnp.arange(z_xV.shape[-1]) < cfg.valid_vocab_size
+    z_xV = jnp.where(real_V, z_xV, jnp.finfo(z_xV.dtype).min)
+  return z_xV
 
 
 class MLP(nn.Module):
@@ -78,8 +115,9 @@ class MLP(nn.Module):
     # products transposed for the weight-gradient dots, ~18% of a small.py fp32 step (benchmarks/RESULTS.md).
     B, L, _ = x_BxLxD.shape
     x_NxD = x_BxLxD.reshape(B * L, D)
-    gate_NxF = x_NxD @ gate_DxF.astype(dt)
-    up_NxF = x_NxD @ up_DxF.astype(dt)
+    gate_NxF = lora.adapt(self, "gate", x_NxD, x_NxD @ gate_DxF.astype(dt), ("embed", "mlp"))
+    up_NxF = lora.adapt(self, "up", x_NxD, x_NxD @ up_DxF.astype(dt), ("embed", "mlp"))
     h_BxLxF = constrain((nn.silu(gate_NxF) * up_NxF).reshape(B, L, F), ("act_batch", "act_length", "act_mlp"))
-    out_NxD = h_BxLxF.reshape(B * L, F) @ down_FxD.astype(dt)
+    h_NxF = h_BxLxF.reshape(B * L, F)
+    out_NxD = lora.adapt(self, "down", h_NxF, h_NxF @ down_FxD.astype(dt), ("mlp", "embed"))
     return constrain(out_NxD.reshape(B, L, D), ("act_batch", "act_length", "act_embed"))

@@ -26,19 +26,26 @@ DEFAULT_RULES: Rules = (
     # Parameters.
     ("vocab", "tensor"),
     # Dense weights shard d_model over `expert` too: its devices split the batch like `fsdp`'s (BATCH_AXES), so
-    # they are FSDP shards for everything but the experts, whose own axis already sits on `expert`.
-    ("embed", ("fsdp", "expert")),
-    ("expert_embed", "fsdp"),
+    # they are FSDP shards for everything but the experts, whose own axis already sits on `expert`. `context`
+    # devices split the sequence, so for the weights they are data-parallel replicas too: FSDP shards as well.
+    ("embed", ("fsdp", "expert", "context")),
+    ("expert_embed", ("fsdp", "context")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("layers", None),
+    # Pipeline parallelism: the stacked layers' leading axis is split into contiguous blocks, one per stage
+    # (tweetjax/parallel/pipeline.py); a size-1 `stage` axis leaves them replicated as before.
+    ("layers", "stage"),
     ("norm", None),
     ("experts", "expert"),
+    ("lora_rank", None),  # LoRA adapters: their other axes are the adapted kernel's (tweetjax/model/lora.py)
     # Activations.
-    ("act_batch", BATCH_AXES),
-    ("act_length", None),
+    # Rows also split over `stage` outside the pipelined layers (embedding, LM head, loss: each stage group takes
+    # its share instead of repeating the whole batch); inside, the pipeline gives `stage` to its stage dimension.
+    ("act_batch", BATCH_AXES + ("stage",)),
+    # Context parallelism: the sequence is split over `context` (ring attention, tweetjax/parallel/context.py).
+    ("act_length", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
@@ -46,6 +53,7 @@ DEFAULT_RULES: Rules = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("act_experts", "expert"),
+    ("act_stage", "stage"),  # the stage dimension of the pipeline's [stages, batch, length, embed] buffers
 )
 
 

@@ -23,6 +23,26 @@ def dense_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tupl
   return log_z_BxL - target_logit_BxL, log_z_BxL
 
 
+def shard_log_z_and_target(logits_xV: jax.Array, targets_x: jax.Array, vocab_start: int | jax.Array,
+                           vocab_axes: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
+  """Inside shard_map, on fp32 logits holding the vocab ids [vocab_start, vocab_start + V_local): every token's
+  log-partition over the whole vocab and its target's logit (summed over the `vocab_axes` shards)."""
+  # The max only stabilises the exponentials; the result does not depend on it, so no gradient flows through it.
+  max_x = lax.stop_gradient(jnp.max(logits_xV, axis=-1))
+  if vocab_axes:
+    max_x = lax.pmax(max_x, vocab_axes)
+  sum_exp_x = jnp.sum(jnp.exp(logits_xV - max_x[..., None]), axis=-1)
+  local_target_x = targets_x - vocab_start
+  in_shard_x = (local_target_x >= 0) & (local_target_x < logits_xV.shape[-1])
+  picked_x = jnp.take_along_axis(logits_xV, jnp.clip(local_target_x, 0, logits_xV.shape[-1] - 1)[..., None],
+                                 axis=-1)[..., 0]
+  target_logit_x = jnp.where(in_shard_x, picked_x, 0.0)  # zero on the shards that do not hold the target
+  if vocab_axes:
+    sum_exp_x = lax.psum(sum_exp_x, vocab_axes)
+    target_logit_x = lax.psum(target_logit_x, vocab_axes)
+  return jnp.log(sum_exp_x) + max_x, target_logit_x
+
+
 def vocab_parallel_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, mesh: Mesh,
                                  rules: Rules) -> tuple[jax.Array, jax.Array]:
   """Per-token (loss, log-partition) with logits sharded as ("act_batch", "act_length", "act_vocab")."""
@@ -32,24 +52,8 @@ def vocab_parallel_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array
 
   def local(logits_bxlxv, targets_bxl):
     logits = logits_bxlxv.astype(jnp.float32)
-    v_local = logits.shape[-1]
-    if vocab_axes:
-      vocab_start = lax.axis_index(vocab_axes) * v_local
-    else:
-      vocab_start = 0
-    # The max only stabilises the exponentials; the result does not depend on it, so no gradient flows through it.
-    max_bxl = lax.stop_gradient(jnp.max(logits, axis=-1))
-    if vocab_axes:
-      max_bxl = lax.pmax(max_bxl, vocab_axes)
-    sum_exp_bxl = jnp.sum(jnp.exp(logits - max_bxl[..., None]), axis=-1)
-    local_target_bxl = targets_bxl - vocab_start
-    in_slice_bxl = (local_target_bxl >= 0) & (local_target_bxl < v_local)
-    picked_bxl = jnp.take_along_axis(logits, jnp.clip(local_target_bxl, 0, v_local - 1)[..., None], axis=-1)[..., 0]
-    target_logit_bxl = jnp.where(in_slice_bxl, picked_bxl, 0.0)
-    if vocab_axes:
-      sum_exp_bxl = lax.psum(sum_exp_bxl, vocab_axes)
-      target_logit_bxl = lax.psum(target_logit_bxl, vocab_axes)
-    log_z_bxl = jnp.log(sum_exp_bxl) + max_bxl
+    vocab_start = lax.axis_index(vocab_axes) * logits.shape[-1] if vocab_axes else 0
+    log_z_bxl, target_logit_bxl = shard_log_z_and_target(logits, targets_bxl, vocab_start, vocab_axes)
     return log_z_bxl - target_logit_bxl, log_z_bxl
 
   return jax.shard_map(local, mesh=mesh, in_specs=(logits_spec, tokens_spec),

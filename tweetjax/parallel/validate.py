@@ -23,7 +23,7 @@ LOGICAL_SOURCES = {
     "head_dim": "model.head_dim", "act_head_dim": "model.head_dim",
     "mlp": "model.mlp_dim or model.expert_mlp_dim", "act_mlp": "model.mlp_dim",
     "experts": "model.num_experts", "act_experts": "model.num_experts",
-    "layers": "model.num_layers",
+    "layers": "model.num_layers", "lora_rank": "lora.rank",
     "act_batch": "data.global_batch_size / train.microbatches",
     "act_length": "data.seq_len",
 }

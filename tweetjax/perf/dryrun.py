@@ -49,6 +49,8 @@ class DryRun:
   microbatches: int
   seq_len: int
   remat: str
+  attention_impl: str
+  logits_chunk: int  # tokens per chunk of the tiled LM head + loss (0: dense logits)
   batch_shards: int
   compile_s: float
   xla_memory: dict[str, int]  # per device, from compiled.memory_analysis()
@@ -61,6 +63,7 @@ class DryRun:
   collectives: dict[str, hlo.CollectiveStats]
   device_memory: float  # bytes available per device (after usable_fraction)
   num_params: int
+  pipeline: dict[str, Any] | None = None  # stages, microbatches, repeats, iterations, bubble (stage > 1 only)
   module: hlo.Module | None = dataclasses.field(default=None, repr=False)  # the optimized per-device HLO
 
   @property
@@ -79,13 +82,16 @@ class DryRun:
   def summary(self) -> dict[str, Any]:
     return {"mesh": self.mesh, "devices": self.devices, "global_batch": self.global_batch,
             "microbatches": self.microbatches, "seq_len": self.seq_len, "remat": self.remat,
+            "attention_impl": self.attention_impl, "logits_chunk": self.logits_chunk,
             "rows_per_batch_shard": self.rows_per_shard, "compile_s": self.compile_s,
             "xla_memory": self.xla_memory, "peak_bytes": self.peak, "fits": self.fits,
             "device_memory_bytes": self.device_memory, "analytic": self.analytic.as_dict(),
             "param_bytes_hlo": self.param_bytes_hlo, "hlo_dot_flops": self.hlo_dot_flops,
             "xla_cost_flops": self.xla_cost_flops, "model_flops": self.model_flops,
             "model_flops_dense": self.model_flops_dense, "num_params": self.num_params,
-            "collectives": {k: dataclasses.asdict(v) for k, v in self.collectives.items()}}
+            "collectives": {k: dataclasses.asdict(v) for k, v in self.collectives.items()},
+            "collective_payload_bytes": sum(v.payload_bytes for v in self.collectives.values()),
+            "pipeline": self.pipeline}
 
 
 def _memory_stats(compiled) -> dict[str, int]:
@@ -121,9 +127,15 @@ def dry_run(config: ml_collections.ConfigDict, *, device_memory_bytes: float = 8
   param_indices = range(first_param, first_param + len(jax.tree.leaves(layout.abstract_state.params)))
   flops = flops_lib.flops_per_token(experiment.model_config, L)
   tokens_per_device = B * L / mesh.size
+  spec = experiment.model.pipeline
+  pipeline = None
+  if spec is not None and spec.stages > 1:
+    pipeline = {"stages": spec.stages, "microbatches": spec.microbatches, "repeats": spec.repeats,
+                "iterations": spec.iterations, "bubble": spec.bubble}
   return DryRun(
       mesh=dict(mesh.shape), devices=mesh.size, global_batch=B, microbatches=microbatches, seq_len=L,
-      remat=experiment.model_config.remat_policy,
+      remat=experiment.model_config.remat_policy, attention_impl=experiment.model_config.attention_impl,
+      logits_chunk=experiment.model_config.logits_chunk,
       batch_shards=axis_size(mesh, mesh_axes_of("act_batch", experiment.rules)),
       compile_s=info.seconds, xla_memory=_memory_stats(compiled),
       analytic=memory.estimate(experiment, B, microbatches),
@@ -131,7 +143,8 @@ def dry_run(config: ml_collections.ConfigDict, *, device_memory_bytes: float = 8
       hlo_dot_flops=hlo.dot_flops(module), xla_cost_flops=flops_lib.compiled_flops(compiled),
       model_flops=flops.train * tokens_per_device, model_flops_dense=flops.train_dense_attention * tokens_per_device,
       collectives=hlo.collective_stats(module), device_memory=device_memory_bytes * usable_fraction,
-      num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(layout.abstract_state.params)), module=module)
+      num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(layout.abstract_state.params)), pipeline=pipeline,
+      module=module)
 
 
 def _gib(n: float) -> str:
@@ -143,8 +156,16 @@ def format_report(run: DryRun) -> str:
   lines = [
       f"mesh {run.mesh} = {run.devices} devices; {run.num_params / 1e9:.2f}B params; global batch {run.global_batch} "
       f"x {run.seq_len} tokens in {run.microbatches} microbatch(es) = {run.rows_per_shard:g} rows per batch shard "
-      f"({run.batch_shards} shards); remat={run.remat}",
+      f"({run.batch_shards} shards); remat={run.remat}; attention={run.attention_impl}; logits_chunk="
+      f"{run.logits_chunk or 'off (dense logits)'}",
       f"compile: {run.compile_s:.1f}s",
+  ]
+  if run.pipeline:
+    p = run.pipeline
+    lines.append(f"pipeline: {p['stages']} stages x {p['repeats']} repeat(s), {p['microbatches']} microbatches per "
+                 f"step's microbatch, {p['iterations']} iterations; bubble {100 * p['bubble']:.1f}% "
+                 f"= (S - 1) / (R M + S - 1)")
+  lines += [
       "",
       "memory per device            XLA (CPU-compiled)      analytic",
       f"  params                      {'':>12}          {_gib(a.params)}   (XLA entry params: "
@@ -173,6 +194,9 @@ def format_report(run: DryRun) -> str:
   for kind, s in run.collectives.items():
     lines.append(f"  {kind:<28} {s.ops:5d} {s.executions:10.0f} {hlo.format_bytes(s.payload_bytes):>12} "
                  f"{hlo.format_bytes(s.wire_bytes):>12}   {s.largest}")
+  lines.append(f"  {'total':<28} {'':5} {'':10} "
+               f"{hlo.format_bytes(sum(s.payload_bytes for s in run.collectives.values())):>12} "
+               f"{hlo.format_bytes(sum(s.wire_bytes for s in run.collectives.values())):>12}")
   return "\n".join(lines)
 
 

@@ -29,9 +29,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from tweetjax.parallel.mesh import MESH_AXES
 from tweetjax.perf.hardware import Hardware
 
-DEVICE_ORDER = ("data", "stage", "fsdp", "expert", "context", "tensor")
+DEVICE_ORDER = MESH_AXES  # how tweetjax/parallel/mesh.py lays the mesh over the devices
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "point-to-point")
 
 

@@ -32,19 +32,13 @@ import dataclasses
 import math
 from typing import Any
 
+from tweetjax.parallel.pipeline import bubble_fraction  # one formula for the pipeline and its model
 from tweetjax.perf import hardware as hardware_lib
 from tweetjax.perf import links
 from tweetjax.perf import workload as workload_lib
 
 OVERLAP_EFFICIENCY = 0.85
 HIDDEN_CLASSES = ("fsdp", "grad")
-
-
-def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
-  """Idle fraction of a 1F1B pipeline step: (p - 1) / (v m + p - 1) for p stages, m microbatches, v repeats."""
-  if stages <= 1:
-    return 0.0
-  return (stages - 1) / (repeats * microbatches + stages - 1)
 
 
 @dataclasses.dataclass

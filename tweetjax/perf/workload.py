@@ -151,8 +151,8 @@ class Program:
   # schedule that runs every forward before the backward, "1f1b" for min(stages, microbatches).
   pipeline_in_flight: str = "all"
   # Mesh axes of the rules table (tweetjax/parallel/rules.py DEFAULT_RULES); `context` splits the tokens too.
-  embed_axes: tuple[str, ...] = ("fsdp", "expert")  # dense weights' d_model ("embed")
-  expert_embed_axes: tuple[str, ...] = ("fsdp",)  # expert weights' d_model ("expert_embed")
+  embed_axes: tuple[str, ...] = ("fsdp", "expert", "context")  # dense weights' d_model ("embed")
+  expert_embed_axes: tuple[str, ...] = ("fsdp", "context")  # expert weights' d_model ("expert_embed")
   expert_axes: tuple[str, ...] = ("expert",)  # "experts"
   tensor_axes: tuple[str, ...] = ("tensor",)  # "heads", "kv_heads", "mlp", "vocab"
   batch_axes: tuple[str, ...] = ("data", "fsdp", "expert")  # "act_batch"
@@ -173,7 +173,9 @@ class Program:
     from tweetjax.parallel.rules import mesh_axes_of  # pylint: disable=g-import-not-at-top
     return cls(embed_axes=mesh_axes_of("embed", rules), expert_embed_axes=mesh_axes_of("expert_embed", rules),
                expert_axes=mesh_axes_of("experts", rules), tensor_axes=mesh_axes_of("heads", rules),
-               batch_axes=mesh_axes_of("act_batch", rules), **overrides)
+               # "act_batch" also splits the rows over `stage` outside the pipelined layers; inside, a stage's
+               # layers see the rows of the other batch axes only.
+               batch_axes=tuple(a for a in mesh_axes_of("act_batch", rules) if a != "stage"), **overrides)
 
   @property
   def token_axes(self) -> tuple[str, ...]:

@@ -323,21 +323,47 @@ class CheckpointManager:
 
 def _check_compatible(metadata: Any, abstract: TrainState, where: str) -> None:
   for item in ("params", "opt_state"):
-    saved = metadata[item]
-    saved = getattr(saved, "tree", saved)
-    saved_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(saved)}
-    wanted = {jax.tree_util.keystr(p): tuple(a.shape)
-              for p, a in jax.tree_util.tree_leaves_with_path(getattr(abstract, item))}
-    # Orbax stores namedtuple/dataclass nodes as dicts; compare leaf paths by their key names only.
-    saved_shapes, wanted = _by_leaf_keys(saved_shapes), _by_leaf_keys(wanted)
-    if saved_shapes != wanted:
-      missing = sorted(set(wanted) - set(saved_shapes))[:5]
-      extra = sorted(set(saved_shapes) - set(wanted))[:5]
-      changed = sorted(k for k in set(wanted) & set(saved_shapes) if wanted[k] != saved_shapes[k])[:5]
-      raise IncompatibleCheckpointError(
-          f"{where}/{item} does not match this config's {item}: missing {missing}, unexpected {extra}, "
-          f"shape changed {[(k, saved_shapes[k], wanted[k]) for k in changed]} (was the model or optimizer "
-          f"config changed? compare with {where}/config)")
+    check_tree_matches(metadata[item], getattr(abstract, item), f"{where}/{item}", item)
+
+
+def check_tree_matches(saved: Any, wanted: Any, where: str, item: str = "params") -> None:
+  """Raises IncompatibleCheckpointError naming the leaves (missing, unexpected, changed shape) when the saved tree
+  (orbax metadata) does not have the shapes of `wanted` (arrays or ShapeDtypeStructs)."""
+  saved = getattr(saved, "tree", saved)
+  saved_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+  wanted = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(wanted)}
+  # Orbax stores namedtuple/dataclass nodes as dicts; compare leaf paths by their key names only.
+  saved_shapes, wanted = _by_leaf_keys(saved_shapes), _by_leaf_keys(wanted)
+  if saved_shapes != wanted:
+    missing = ["/".join(k) for k in sorted(set(wanted) - set(saved_shapes))[:5]]
+    extra = ["/".join(k) for k in sorted(set(saved_shapes) - set(wanted))[:5]]
+    changed = sorted(k for k in set(wanted) & set(saved_shapes) if wanted[k] != saved_shapes[k])[:5]
+    raise IncompatibleCheckpointError(
+        f"{where} does not match this config's {item}: missing {missing}, unexpected {extra}, shape changed "
+        f"{[('/'.join(k), saved_shapes[k], wanted[k]) for k in changed]} (saved shape, this config's shape): was the "
+        f"model or optimizer config changed? compare with the checkpoint's config/")
+
+
+def saved_params(path: str, step: int | None = None) -> tuple[Any, int]:
+  """(orbax metadata tree of a checkpoint's params: leaves with .shape and .dtype, its step); reads no arrays."""
+  directory = checkpoints_dir(path)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers={"params": _array_tree_handler()})
+  try:
+    step = _existing_step(manager, directory, step)
+    saved = manager.item_metadata(step)["params"]
+    return getattr(saved, "tree", saved), step
+  finally:
+    manager.close()
+
+
+def _existing_step(manager: ocp.CheckpointManager, directory: str, step: int | None) -> int:
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint under {directory}")
+  if step not in manager.all_steps():
+    raise FileNotFoundError(f"no checkpoint step {step} under {directory}; there are {manager.all_steps()}")
+  return step
 
 
 def _by_leaf_keys(shapes: dict[str, tuple]) -> dict[str, tuple]:
@@ -356,17 +382,15 @@ def restore_params(path: str, target: StateLayout | Any = None, step: int | None
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
                                   item_handlers={"params": _array_tree_handler()})
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint under {directory}")
-    if step not in manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint step {step} under {directory}; there are {manager.all_steps()}")
+    step = _existing_step(manager, directory, step)
     if isinstance(target, StateLayout):
       target = target.abstract_state.params
+    saved = manager.item_metadata(step)["params"]
+    saved = getattr(saved, "tree", saved)
     if target is None:
-      saved = manager.item_metadata(step)["params"]
-      saved = getattr(saved, "tree", saved)
       target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved)
+    else:
+      check_tree_matches(saved, target, os.path.join(directory, str(step), "params"))
     params = manager.restore(step, args=ocp.args.Composite(params=_tree_restore(target)))["params"]
     logging.info("restored params of step %d from %s", step, directory)
     return params

@@ -7,6 +7,8 @@ Counting (per token, one multiply-add = 2 FLOPs; training = forward + backward =
   attention    per layer, a query against S keys costs 2 * S * Dh per head for the scores q.k and as much for the
                weighted sum of values: 4 * S * H * Dh. Full attention has S = L for every query; causal attention
                needs on average S = (L + 1) / 2, counted here as L / 2.
+With LoRA the adapters' matmuls (x A, then B) are in N, and the frozen weights (every other matmul param) need no
+weight gradient: their backward costs 2 instead of 4 FLOPs per param and token (`frozen_matmul_params`).
 MFU uses the causal count (the FLOPs the model needs, not those a dense masked kernel burns); the dense count is
 in the breakdown for comparison with compiler FLOP counts. Elementwise work (norms, softmax, RoPE, the optimizer)
 is left out, as is usual.
@@ -38,6 +40,7 @@ class FlopsPerToken:
   forward_matmul: float  # 2 N
   forward_attention: float  # causal: 2 L H Dh per layer
   forward_attention_dense: float  # full L x L scores: 4 L H Dh per layer
+  frozen_matmul_params: int = 0  # of N, those without a weight gradient (LoRA's base weights)
 
   @property
   def forward(self) -> float:
@@ -45,12 +48,13 @@ class FlopsPerToken:
 
   @property
   def train(self) -> float:
-    """Forward + backward (the backward costs twice the forward): 6 N + 6 L H Dh num_layers."""
-    return 3.0 * self.forward
+    """Forward + backward (the backward costs twice the forward): 6 N + 6 L H Dh num_layers, less the 2 N_frozen
+    weight-gradient FLOPs frozen params do not need."""
+    return 3.0 * self.forward - 2.0 * self.frozen_matmul_params
 
   @property
   def train_dense_attention(self) -> float:
-    return 3.0 * (self.forward_matmul + self.forward_attention_dense)
+    return 3.0 * (self.forward_matmul + self.forward_attention_dense) - 2.0 * self.frozen_matmul_params
 
   def as_dict(self) -> dict[str, float]:
     d = dataclasses.asdict(self)
@@ -72,11 +76,19 @@ def flops_per_token(model_config: ModelConfig, seq_len: int) -> FlopsPerToken:
     per_layer.append(attention_params + mlp)
   lm_head = D * V
   matmul_params = sum(per_layer) + lm_head
+  frozen = 0
+  if c.lora.rank:  # adapters: in x r and r x out per adapted kernel; everything else is frozen
+    sizes = {"query": (D, H * Dh), "key": (D, K * Dh), "value": (D, K * Dh), "out": (H * Dh, D), "gate": (D, F),
+             "up": (D, F), "down": (F, D)}
+    dense_layers = sum(not c.is_moe_layer(layer) for layer in range(c.num_layers))
+    adapters = sum((i + o) * c.lora.rank * (c.num_layers if name in ("query", "key", "value", "out") else dense_layers)
+                   for name, (i, o) in sizes.items() if c.lora.adapts(name))
+    frozen, matmul_params = matmul_params, matmul_params + adapters
   L = int(seq_len)
   attention_dense = 4.0 * L * H * Dh * c.num_layers
   return FlopsPerToken(seq_len=L, matmul_params=matmul_params, lm_head_params=lm_head, embedding_params=V * D,
                        forward_matmul=2.0 * matmul_params, forward_attention=attention_dense / 2,
-                       forward_attention_dense=attention_dense)
+                       forward_attention_dense=attention_dense, frozen_matmul_params=frozen)
 
 
 # --- peak FLOP/s ---------------------------------------------------------------------------------------------------

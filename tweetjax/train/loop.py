@@ -20,10 +20,12 @@ from absl import logging
 
 from tweetjax.config_check import check_config
 from tweetjax.data.token_stream import TokenStreamIterator
+from tweetjax.parallel import pipeline as pipeline_lib
+from tweetjax.parallel.mesh import node_report
 from tweetjax.parallel.rules import mesh_context
 from tweetjax.train import flops as flops_lib
 from tweetjax.train.checkpoint import CheckpointManager
-from tweetjax.train.experiment import Experiment, build_experiment
+from tweetjax.train.experiment import Experiment, build_experiment, topology_devices_per_node
 from tweetjax.train.metrics import MetricsWriter, format_duration, summarize_window
 from tweetjax.train.preemption import PreemptionWatcher
 from tweetjax.train.profiling import StepProfiler, aot_compile, setup_compilation_cache
@@ -43,7 +45,10 @@ def make_train_iterator(config: ml_collections.ConfigDict, experiment: Experimen
   if source == "tweets":
     from tweetjax.data import pipeline  # Imported lazily: the tweet loader pulls in grain and tfds.
     return pipeline.make_iterator(config, experiment.mesh, split="train")
-  raise ValueError(f"config.data.source={source!r}: expected 'synthetic' or 'tweets'")
+  if source == "sft":
+    from tweetjax.data import sft
+    return sft.make_iterator(config, experiment.mesh, split="train")
+  raise ValueError(f"config.data.source={source!r}: expected 'synthetic', 'tweets' or 'sft'")
 
 
 def make_eval_iterator(config: ml_collections.ConfigDict, experiment: Experiment):
@@ -51,6 +56,9 @@ def make_eval_iterator(config: ml_collections.ConfigDict, experiment: Experiment
   if config.data.source == "synthetic":
     return TokenStreamIterator(int(config.seed), int(config.data.global_batch_size), int(config.data.seq_len),
                                int(config.model.vocab_size), experiment.mesh, stream=_EVAL_STREAM)
+  if config.data.source == "sft":
+    from tweetjax.data import sft
+    return sft.make_iterator(config, experiment.mesh, split="validation")
   from tweetjax.data import pipeline
   return pipeline.make_iterator(config, experiment.mesh, split="validation")
 
@@ -114,19 +122,28 @@ def _train(config: ml_collections.ConfigDict, workdir: str, watcher: PreemptionW
   mesh = experiment.mesh
   logging.info("mesh %s on %d devices (%s), %d processes", dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind, jax.process_count())
+  logging.info("%s", node_report(mesh, topology_devices_per_node(config)))
+  if experiment.model.pipeline is not None and experiment.model.pipeline.stages > 1:
+    logging.info("%s", pipeline_lib.describe(experiment.model.pipeline, len(jax.tree.leaves(
+        experiment.layout.abstract_state.params["layers"])[0])))
   logging.info("sharding report:\n%s", experiment.sharding_report())
 
   checkpoints = CheckpointManager.from_config(workdir, config)
   batches = make_train_iterator(config, experiment)
   restored = checkpoints.restore_latest(experiment.layout)
-  if restored is None:
+  if restored is None and config.train.get("init_from"):
+    from tweetjax.train import init_from  # pylint: disable=g-import-not-at-top
+    logging.info("no checkpoint in %s: starting from config.train.init_from=%s", workdir, config.train.init_from)
+    state, start_step = init_from.init_state(config, experiment), 0
+  elif restored is None:
     logging.info("no checkpoint in %s: initialising from seed %d", workdir, int(config.seed))
     state, start_step = experiment.init_state(), 0
   else:
     _log_config_change(restored.config, config)
     state, start_step = restored.state, restored.step
     batches.set_state(restored.data_state)
-    logging.info("resuming at step %d (data iterator state %s)", start_step, restored.data_state)
+    logging.info("resuming at step %d (data iterator state %s)%s", start_step, restored.data_state,
+                 "; config.train.init_from is not read" if config.train.get("init_from") else "")
   total_steps = int(config.train.steps)
   metrics = MetricsWriter(workdir, start_step, tensorboard=bool(config.train.tensorboard))
 

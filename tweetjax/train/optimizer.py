@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import optax
@@ -44,11 +44,18 @@ def _leaf_name(path) -> str:
   return str(getattr(last, "key", getattr(last, "name", last)))
 
 
-def make_optimizer(opt: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(opt: Mapping[str, Any], total_steps: int, trainable: Callable[[Any], Any] | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """trainable: params -> pytree of bools (e.g. LoRA's adapter mask). The other leaves are frozen: they get no
+  optimizer state at all (optax.multi_transform with set_to_zero) and do not count in the clipping norm."""
   schedule = learning_rate_schedule(opt, total_steps)
   chain = []
   if opt["grad_clip_norm"]:
     chain.append(optax.clip_by_global_norm(float(opt["grad_clip_norm"])))
   chain.append(optax.adamw(schedule, b1=float(opt["b1"]), b2=float(opt["b2"]), eps=float(opt["eps"]),
                            weight_decay=float(opt["weight_decay"]), mask=weight_decay_mask))
-  return optax.chain(*chain), schedule
+  tx = optax.chain(*chain)
+  if trainable is not None:
+    labels = lambda params: jax.tree.map(lambda t: "trainable" if t else "frozen", trainable(params))
+    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, schedule

@@ -49,9 +49,11 @@ def state_layout(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
   param_shardings = logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
   abstract_params = nn.meta.unbox(boxed)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  # Frozen params (LoRA's base weights) have no state: optax.MaskedNode stands in for them and stays as it is.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
   opt_shardings = optax.tree_utils.tree_map_params(
-      tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
-      transform_non_params=lambda _: replicated(mesh))
+      tx, lambda state, sharding: state if masked(state) else sharding, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated(mesh), is_leaf=masked)
   state_shardings = TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings,
                                nonfinite_steps=replicated(mesh))
   abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
