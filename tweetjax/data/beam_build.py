@@ -30,6 +30,7 @@ import math
 import os
 import shlex
 import time
+import types
 from typing import Any, Callable, Sequence
 
 import apache_beam as beam
@@ -64,19 +65,27 @@ def _cpu(step: str, t0: float) -> None:
 class _Gather(beam.DoFn):
   """(partition, {input: [refs]}) -> fn(partition, {input: items}, stats) -> tagged chunks of output items.
 
-  Inputs named in `stores` pass through as their list of StoreRefs; outputs named in `elements` are emitted item
-  by item (keyed references for a later round), the others in chunks for a scatter.
+  Inputs named in `stores` pass through as their list of StoreRefs, those in `streams` as an iterator of their
+  packed parts (beam_shuffle.read_parts); outputs named in `elements` are emitted item by item (keyed references
+  for a later round), the others in chunks for a scatter (an output given as a generator: its chunks as they come).
   """
 
   def __init__(self, label: str, fn: Callable[..., dict[str, Any]], stores: Sequence[str], elements: Sequence[str],
-               **kwargs):
+               streams: Sequence[str] = (), **kwargs):
     self._label, self._fn, self._stores, self._elements, self._kwargs = label, fn, set(stores), set(elements), kwargs
+    self._streams = set(streams)
+
+  def _input(self, tag: str, refs):
+    if tag in self._stores:
+      return list(refs)
+    if not refs:
+      return None
+    return beam_shuffle.read_parts(refs) if tag in self._streams else beam_shuffle.read(refs)
 
   def process(self, keyed):
     t0 = time.thread_time()
     partition, grouped = keyed
-    inputs = {tag: list(refs) if tag in self._stores else beam_shuffle.read(refs) if refs else None
-              for tag, refs in grouped.items()}
+    inputs = {tag: self._input(tag, refs) for tag, refs in grouped.items()}
     stats = Stats()
     outputs = self._fn(partition, inputs, stats, **self._kwargs)
     del inputs
@@ -87,6 +96,9 @@ class _Gather(beam.DoFn):
       if tag in self._elements:
         for item in items:
           yield beam.pvalue.TaggedOutput(tag, item)
+      elif isinstance(items, types.GeneratorType):
+        for chunk in items:
+          yield beam.pvalue.TaggedOutput(tag, chunk)
       else:
         n = CHUNK_ROWS if beam_shuffle.is_columns(items) else CHUNK_ITEMS
         for chunk in beam_shuffle.chunks(items, n):
@@ -95,10 +107,11 @@ class _Gather(beam.DoFn):
 
 
 def _round(label: str, inputs: dict[str, Any], fn, outputs: Sequence[str], stores: Sequence[str] = (),
-           elements: Sequence[str] = (), **kwargs):
+           elements: Sequence[str] = (), streams: Sequence[str] = (), **kwargs):
   """One keyed round: CoGroupByKey of (partition, ref) inputs, then `fn` per partition; returns {output: pcoll}."""
   grouped = inputs | f"{label}/group" >> beam.CoGroupByKey()
-  result = grouped | f"{label}/apply" >> beam.ParDo(_Gather(label, fn, stores, elements, **kwargs)).with_outputs(*outputs)
+  gather = _Gather(label, fn, stores, elements, streams=streams, **kwargs)
+  result = grouped | f"{label}/apply" >> beam.ParDo(gather).with_outputs(*outputs)
   return {tag: result[tag] for tag in outputs}
 
 
@@ -210,7 +223,7 @@ def build_pipeline(p: beam.Pipeline, plan: Sequence[ranges.Range], total_bytes: 
                      beam_rounds.reps, ["repsigs"], stores=["store"])["repsigs"]
     final_inputs["repsigs"] = scatter(repsigs, "final/scatter_repsigs", buckets.total)
   final = _round("final", final_inputs, beam_rounds.final, ["final", "records"], stores=["store"],
-                 elements=["final"], config=config, buckets=buckets)
+                 elements=["final"], streams=["repsigs"], config=config, buckets=buckets)
   finals = final["final"]
   if config.join_threads:
     finals = _threads(final["records"], scatter, parts, buckets, store_dir, config, tokenizer_path)

@@ -28,6 +28,7 @@ from tweetjax.data import beam_shuffle, builder, dedup, threads, writer
 
 ROW_BITS = 32
 ROW_MASK = np.uint64((1 << ROW_BITS) - 1)
+SIG_CHUNK_ROWS = 4096  # candidate pairs per chunk of representatives' signatures (1 MB of 64 uint32 MinHash values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +175,14 @@ def reps(bucket: int, inputs, stats):
   _, rep_loc, member_loc = inputs["pairs"]
   first = _unique_rows(rep_loc, member_loc)  # a pair found in several band partitions, once
   (sigs,) = beam_shuffle.read_store(inputs["store"][0], "sigs")
-  member_loc = member_loc[first]
-  return {"repsigs": (member_loc >> np.uint64(ROW_BITS), member_loc, sigs[(rep_loc[first] & ROW_MASK).astype(np.int64)])}
+  member_loc, rep_rows = member_loc[first], (rep_loc[first] & ROW_MASK).astype(np.int64)
+
+  def chunks():  # the signatures are most of the bytes: never all of the bucket's pairs' at once
+    for i in range(0, len(member_loc), SIG_CHUNK_ROWS):
+      m = member_loc[i:i + SIG_CHUNK_ROWS]
+      yield m >> np.uint64(ROW_BITS), m, sigs[rep_rows[i:i + SIG_CHUNK_ROWS]]
+
+  return {"repsigs": chunks()}
 
 
 def final(bucket: int, inputs, stats, *, config: builder.BuildConfig, buckets: Buckets):
@@ -188,11 +195,13 @@ def final(bucket: int, inputs, stats, *, config: builder.BuildConfig, buckets: B
   dropped_N = np.zeros(len(lengths_N), bool)
   if inputs.get("drops") is not None:
     dropped_N[(inputs["drops"][1] & ROW_MASK).astype(np.int64)] = True
-  if inputs.get("repsigs") is not None:
-    _, member_loc, rep_sigs = inputs["repsigs"]
-    rows = (member_loc & ROW_MASK).astype(np.int64)
+  if inputs.get("repsigs") is not None:  # one packed part at a time (a stream, see beam_build._Gather)
     (sigs,) = beam_shuffle.read_store(store, "sigs")
-    near = np.unique(rows[_lsh(config.near_threshold).similar(sigs[rows], rep_sigs)])
+    lsh, near = _lsh(config.near_threshold), [np.zeros(0, np.int64)]
+    for _, member_loc, rep_sigs in inputs["repsigs"]:
+      rows = (member_loc & ROW_MASK).astype(np.int64)
+      near.append(rows[lsh.similar(sigs[rows], rep_sigs)])
+    near = np.unique(np.concatenate(near))
     stats["near_duplicate"] += len(near)
     dropped_N[near] = True
   kept_N = ~dropped_N

@@ -132,10 +132,17 @@ def _frames(data: bytes) -> Iterable[bytes]:
     pos += _FRAME.size + n
 
 
+def read_parts(refs: Iterable[Ref]) -> Iterable[Any]:
+  """The items of one partition from the spans its producers emitted, one packed blob at a time (any order:
+  rounds do not depend on it)."""
+  for ref in sorted(refs):
+    for blob in _frames(_read_span(*ref)):
+      yield unpack(blob)
+
+
 def read(refs: Iterable[Ref]) -> Any:
-  """The items of one partition from the spans its producers emitted (any order: rounds do not depend on it)."""
-  parts = [unpack(blob) for ref in sorted(refs) for blob in _frames(_read_span(*ref))]
-  return concat(parts)
+  """All the items of one partition (read_parts), as one chunk."""
+  return concat(list(read_parts(refs)))
 
 
 # ---- producers
