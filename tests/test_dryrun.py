@@ -134,3 +134,20 @@ def test_analytic_memory_knows_blockwise_attention_and_the_tiled_loss():
   assert a.logits == b * L * V * 12
   assert t.logits == 256 * V * 16 + D * V * 4 + b * L * D * 4  # one chunk, whatever b * L
   assert activations(tiled, 4 * b, *args[1:]).logits - t.logits == 3 * b * L * D * 4
+
+
+def test_memory_estimate_counts_one_chunk_of_logits_with_logits_chunk():
+  import jax
+  from tweetjax.perf import memory
+  from tweetjax.train.experiment import build_experiment
+  config = load_config("tiny")
+  config.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
+  estimates = {}
+  for chunk in (0, 16):
+    config.model.logits_chunk = chunk
+    experiment = build_experiment(config, jax.devices()[:1])
+    estimates[chunk] = memory.estimate(experiment, int(config.data.global_batch_size), 1).logits
+  m = ModelConfig.from_config(config.model)
+  tokens = int(config.data.global_batch_size) * int(config.data.seq_len)
+  assert estimates[0] == tokens * m.vocab_size * 12
+  assert estimates[16] == 16 * m.vocab_size * 16 + m.d_model * m.vocab_size * 4 + tokens * m.d_model * 4

@@ -4,6 +4,7 @@ compile time vs depth. Prints tables; asserts nothing.
   python tools/bench.py                              # CPU: peak, step (1 and 8 fake devices), decode, compile
   python tools/bench.py --sections=peak,step --peer=torch --dtypes=float32,bfloat16 --json_out=/tmp/bench.json
   python tools/bench.py --sections=step --shapes=small --devices=1 --override=data.global_batch_size=4
+  python tools/bench.py --sections=profile --shapes=small --dtypes=float32   # wall time per model part, one step
   python tools/bench.py --gpu                        # GPU: experiments/llama_1b.py, bf16 + cuDNN attention, MFU vs
                                                      # the device's dense bf16 peak (H100: 989 TFLOP/s)
 
@@ -33,7 +34,8 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 _SECTIONS = flags.DEFINE_list("sections", ["peak", "step", "decode", "compile"],
-                              "Which benchmarks: peak, step, decode, compile.")
+                              "Which benchmarks: peak, step, decode, compile, profile (one traced step of each "
+                              "--shapes x --dtypes on 1 device: wall time per model part).")
 _SHAPES = flags.DEFINE_list("shapes", ["small", "wide"], "Model shapes for the step benchmark.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
 _DEVICES = flags.DEFINE_list("devices", ["1", "8"], "Device counts for the step benchmark (fake on a CPU).")
@@ -84,7 +86,8 @@ def load_config(path: str, overrides: dict):
 def run_worker(spec: dict) -> dict:
   from tweetjax.perf import env  # pylint: disable=g-import-not-at-top
   config = load_config(spec["config"], spec.get("overrides", {})) if spec.get("config") else None
-  env.setup_environment(config, fake_devices=spec.get("fake_devices"), distributed=False)
+  env.setup_environment(config, fake_devices=spec.get("fake_devices"), extra_flags=spec.get("xla_flags", ()),
+                        distributed=False)
   from tweetjax.perf import bench  # pylint: disable=g-import-not-at-top
   kind = spec["kind"]
   if kind == "peak":
@@ -95,6 +98,8 @@ def run_worker(spec: dict) -> dict:
     return bench.train_step_rate(config, steps=spec["steps"])
   if kind == "torch_step":
     return bench.torch_step_rate(config, spec["dtype"], steps=spec["steps"])
+  if kind == "profile":
+    return bench.train_step_profile(config)
   if kind == "compile":
     if spec.get("cache_dir"):
       from tweetjax.train.profiling import setup_compilation_cache  # pylint: disable=g-import-not-at-top
@@ -119,7 +124,7 @@ def _subprocess(spec: dict, timeout: float = 3600) -> dict | None:
     return {"timed_out_s": timeout}
   for line in proc.stdout.splitlines():
     if line.startswith(_RESULT):
-      return json.loads(line[len(_RESULT):])
+      return {**json.loads(line[len(_RESULT):]), "load": round(os.getloadavg()[0], 2)}
   print(f"  FAILED {spec}: {proc.stderr[-2000:]}", flush=True)
   return None
 
@@ -194,6 +199,38 @@ def bench_step(results: dict) -> None:
         print(f"  {shape:<6} {dtype:<9}   torch {r['tokens_per_step']:>12} {r['best_s']:>10.3f} / "
               f"{r['median_s']:<9.3f} {r['best_tokens_per_s']:>15.0f}   tweetjax (1 device) / torch = {ratio:.2f}x "
               f"(torch {r['torch']}, transformers {r['transformers']}, {r['threads']} threads)", flush=True)
+        if ours and peak:
+          print("  " + _ratio_line(shape, dtype, ours[0], r, peak, results.get("torch_peak", {}).get(dtype)),
+                flush=True)
+
+
+def _ratio_line(shape: str, dtype: str, ours: dict, torch: dict, peak: float, torch_peak: dict | None) -> str:
+  """The ratios of one shape and dtype: both steps' model FLOP/s against this run's `jnp.dot` peak (and torch's
+  against its own `torch.mm` peak), and tweetjax over torch; the load when each step was measured."""
+  torch_flops = ours["flops_per_token"] * torch["best_tokens_per_s"]
+  own = f", {100 * torch_flops / torch_peak['best_flops']:.1f}% of torch.mm's" if torch_peak else ""
+  speedup = ours["best_tokens_per_s"] / torch["best_tokens_per_s"]
+  return (f"ratios {shape} {dtype}: tweetjax {100 * ours['mfu_best']:.1f}% of the jnp.dot peak, torch "
+          f"{100 * torch_flops / peak:.1f}%{own}; tweetjax / torch {speedup:.2f}x "
+          f"(1-minute load after each: {ours.get('load', '?')} / {torch.get('load', '?')})")
+
+
+def bench_profile(results: dict) -> None:
+  print(f"\n== where a train step's time goes (one traced step, 1 device) [{_load()}]", flush=True)
+  for shape in _SHAPES.value:
+    path, extra = _SHAPE_CONFIGS[shape]
+    for dtype in _DTYPES.value:
+      overrides = _overrides({**extra, "model.dtype": dtype, "mesh.data": -1})
+      r = _subprocess({"kind": "profile", "config": path, "overrides": overrides, "fake_devices": 1,
+                       "platform_cpu": True, "xla_flags": ["--xla_cpu_enable_xprof_traceme=true"]})
+      if not r:
+        continue
+      results.setdefault("profile", []).append({"shape": shape, "dtype": dtype, **r})
+      print(f"  {shape} {dtype}: step {r['step_s']:.3f} s, of it {r['in_ops_s']:.3f} s inside ops "
+            f"(the rest: loop/branch control and gaps; load {r['load']})")
+      for row in r["rows"]:
+        share = 100 * row["seconds"] / r["step_s"]
+        print(f"    {row['kind']:<7} {row['part']:<32} {row['seconds']:8.3f} s {share:5.1f}%")
 
 
 def bench_decode(results: dict) -> None:
@@ -279,7 +316,9 @@ def main(argv):
     bench_gpu(results)
   else:
     for section in _SECTIONS.value:
-      {"peak": bench_peak, "step": bench_step, "decode": bench_decode, "compile": bench_compile}[section](results)
+      sections = {"peak": bench_peak, "step": bench_step, "decode": bench_decode, "compile": bench_compile,
+                  "profile": bench_profile}
+      sections[section](results)
   results["load_at_end"] = _load()
   print(f"\n{results['load_at_end']} (numbers taken on a shared machine move with its load)")
   if _JSON.value:

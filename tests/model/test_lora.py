@@ -124,10 +124,13 @@ def test_sharded_mesh_equals_one_device_and_shards_adapters(one_device):
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
     assert np.linalg.norm(g - w) <= 3e-5 * np.linalg.norm(w), jax.tree_util.keystr(path)
   shardings = experiment.layout.param_shardings["layers"]
-  # A takes the kernel's input axes, B its output axes: query [D, H, Dh] -> A [D, r] on fsdp, B [r, H, Dh] on tensor.
-  assert tuple(shardings["attention"]["query_lora_a"].spec) == (None, ("fsdp", "expert"), None)
-  assert tuple(shardings["attention"]["query_lora_b"].spec) == (None, None, "tensor", None)
-  assert tuple(shardings["mlp"]["down_lora_a"].spec) == (None, "tensor", None)
+  # A takes the kernel's input axes, B its output axes: query [D, H, Dh] -> A [D, r] on fsdp, B [r, H, Dh] on tensor
+  # (every one after the scanned layers axis).
+  layers, embed, heads, head_dim = tuple(shardings["attention"]["query"].spec)
+  assert "fsdp" in embed and heads == "tensor", (embed, heads)
+  assert tuple(shardings["attention"]["query_lora_a"].spec) == (layers, embed, None)
+  assert tuple(shardings["attention"]["query_lora_b"].spec) == (layers, None, heads, head_dim)
+  assert tuple(shardings["mlp"]["down_lora_a"].spec) == (layers, "tensor", None)
   # Per device: LoRA's optimizer state is a few adapters' moments; full fine-tuning holds two moments per param.
   config = _config({"data": 2, "fsdp": 2, "tensor": 2})
   config.lora.rank = 0

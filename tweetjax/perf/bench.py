@@ -80,6 +80,26 @@ def train_step_rate(config: ml_collections.ConfigDict, steps: int = 5) -> dict[s
           "best_model_flops": f.train * tokens / t["best_s"], **t}
 
 
+def train_step_profile(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """One traced train step after a warm-up: wall time per model part, matmul or not (tweetjax/perf/op_profile.py)."""
+  from tweetjax.parallel.rules import mesh_context  # pylint: disable=g-import-not-at-top
+  from tweetjax.perf import op_profile  # pylint: disable=g-import-not-at-top
+  from tweetjax.train.experiment import build_experiment  # pylint: disable=g-import-not-at-top
+  from tweetjax.train.loop import make_train_iterator  # pylint: disable=g-import-not-at-top
+  experiment = build_experiment(config)
+  state = experiment.init_state()
+  step_fn = experiment.train_step()
+  batches = make_train_iterator(config, experiment)
+  first, second = next(batches), next(batches)
+  state, metrics = step_fn(state, first)
+  jax.block_until_ready(metrics)
+  with mesh_context(experiment.mesh, experiment.rules):  # the same program the step runs, for its op names
+    hlo_text = step_fn.jitted.lower(state, second).compile().as_text()
+  result = op_profile.profile_step(step_fn, hlo_text, state, second)
+  tokens = int(config.data.global_batch_size) * int(config.data.seq_len)
+  return {"tokens_per_step": tokens, **result}
+
+
 def compile_time(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Lower + compile of the train step from abstract inputs, noting whether the persistent cache served it."""
   from tweetjax.parallel.rules import mesh_context  # pylint: disable=g-import-not-at-top

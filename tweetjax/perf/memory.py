@@ -100,14 +100,13 @@ def activations(cfg, b: int, L: int, t_heads: int, t_mlp: int, t_vocab: int, rem
   (default (L, L); ring attention: two chunks, (L / 2, L / 2); gathered K/V: (L, the whole sequence)).
   """
   score_q, score_k = (L, L) if score_block is None else score_block
-  D, H, K, Dh, V = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+  D, H, K, Dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   a = dtype_bytes
   saved, transient, saved_scores, transient_scores = 0, 0, 0, 0
   # A shape without these fields (the layout search's ModelShape) is the dense-logits, materialised-scores case.
   # A split sequence runs the context attention (score_block given), never the blockwise kernel.
   blockwise = getattr(cfg, "attention_impl", "xla") == "blockwise" and score_block is None
   block = min(getattr(cfg, "attention_block_size", L), L)
-  logits_chunk = getattr(cfg, "logits_chunk", 0)
   for layer in range(cfg.num_layers) if layers is None else layers:
     F = cfg.mlp_dim
     if cfg.is_moe_layer(layer):
@@ -129,11 +128,16 @@ def activations(cfg, b: int, L: int, t_heads: int, t_mlp: int, t_vocab: int, rem
     saved_scores += {"full": 0, "dots_no_batch": 0, "dots": scores * a, "none": scores * (a + 4)}[remat]
     transient = max(transient, 3 * scores_transient * 4 + 4 * b * L * F // t_mlp * 4 + 6 * b * L * D * 4)
     transient_scores = 3 * scores_transient * 4
-  if logits_chunk:
-    logits = min(logits_chunk, b * L) * (V // t_vocab) * 16 + D * (V // t_vocab) * 4 + b * L * D * 4
-  else:
-    logits = b * L * (V // t_vocab) * (a + 8)
-  return Activations(saved, transient, logits, saved_scores, transient_scores)
+  return Activations(saved, transient, logits_bytes(cfg, b, L, t_vocab, a), saved_scores, transient_scores)
+
+
+def logits_bytes(cfg, b: int, L: int, t_vocab: int, dtype_bytes: int) -> int:
+  """The LM head + loss of b rows of L tokens on one vocab shard: dense logits, their fp32 softmax and gradient; or,
+  with model.logits_chunk = c, one chunk's logits and temporaries plus the head's fp32 weight gradient and dh."""
+  V, D, chunk = cfg.vocab_size, cfg.d_model, getattr(cfg, "logits_chunk", 0)
+  if chunk:
+    return min(chunk, b * L) * (V // t_vocab) * 16 + D * (V // t_vocab) * 4 + b * L * D * 4
+  return b * L * (V // t_vocab) * (dtype_bytes + 8)
 
 
 def estimate(experiment, global_batch: int, microbatches: int) -> MemoryEstimate:
@@ -163,5 +167,6 @@ def estimate(experiment, global_batch: int, microbatches: int) -> MemoryEstimate
     saved = saved * spec.iterations // (spec.stages * spec.repeats) + (spec.microbatches + 2) * b * L * cfg.d_model * \
         np.dtype(cfg.dtype).itemsize
     saved_scores = saved_scores * spec.iterations // (spec.stages * spec.repeats)
-  logits = b_step * L * (cfg.vocab_size // size("act_vocab")) * (np.dtype(cfg.dtype).itemsize + 8)
+  # The loss runs on the step's microbatch rows, after the pipeline.
+  logits = logits_bytes(cfg, b_step, L, size("act_vocab"), np.dtype(cfg.dtype).itemsize)
   return MemoryEstimate(params, optimizer, gradients, saved, act.transient, logits, saved_scores + act.transient_scores)
