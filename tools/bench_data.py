@@ -7,7 +7,8 @@
 --engine=beam|local builds a synthetic corpus of --num_tweets (written once into --work_dir, in parts of 200k
 tweets with disjoint ids) with tools/build_dataset.py in a subprocess: for beam once per --workers count
 (DirectRunner, multi_processing), then with the local engine for comparison (--compare_local). Prints tweets/s
-(wall), tweets per CPU-second of all processes, and the peak RSS (VmHWM) of the driver and of each worker.
+(wall), tweets per CPU-second of all processes, the driver's own CPU seconds, and the peak RSS (VmHWM) of the
+driver and of each worker.
 
 Loader mode:
 Rates are tweets per second of process CPU time (`time.process_time()`, all threads; the process is pinned to one
@@ -18,6 +19,7 @@ the build already normalized, so it only tokenizes and packs (it normalizes agai
 differs from the build's options, see tweetjax/data/pipeline.py).
 """
 
+import hashlib
 import json
 import os
 import resource
@@ -30,7 +32,7 @@ import time
 
 from absl import app, flags
 
-from tweetjax.data import normalize, packing, synthetic, tokenizer
+from tweetjax.data import normalize, packing, synthetic, tokenizer, writer
 
 _DATASET_DIR = flags.DEFINE_string("dataset_dir", None, "Built dataset (train split); default: synthetic texts.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model; default: train a small one here.")
@@ -69,8 +71,19 @@ def _one_pass(texts, tok, window, seq_len):
   return {s: (cpu[s], wall[s]) for s in STAGES}, real, total
 
 
-def _rss_peaks(root_pid: int, peaks: dict[int, tuple[str, int]], stop: threading.Event) -> None:
-  """Samples VmHWM (peak RSS) of `root_pid` and its descendants until `stop`; peaks: pid -> (role, KiB)."""
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+  """User + system CPU seconds of the process itself (not its children)."""
+  with open(f"/proc/{pid}/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _rss_peaks(root_pid: int, peaks: dict[int, tuple[str, int, float]], stop: threading.Event) -> None:
+  """Samples VmHWM (peak RSS) and CPU time of `root_pid` and its descendants until `stop`;
+  peaks: pid -> (role, KiB, CPU seconds at the last sample)."""
   while not stop.is_set():
     pids, todo = [], [root_pid]
     while todo:
@@ -88,11 +101,12 @@ def _rss_peaks(root_pid: int, peaks: dict[int, tuple[str, int]], stop: threading
           hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
         with open(f"/proc/{pid}/cmdline") as f:
           cmd = f.read()
-      except (OSError, StopIteration):
+        cpu = _cpu_seconds(pid)
+      except (OSError, StopIteration, IndexError, ValueError):
         continue
       is_worker = "sdk_worker_main" in cmd and not cmd.split("\0")[0].endswith("sh")  # not the shell around it
       role = "driver" if pid == root_pid else "worker" if is_worker else "other"
-      peaks[pid] = (role, max(hwm, peaks.get(pid, ("", 0))[1]))
+      peaks[pid] = (role, max(hwm, peaks.get(pid, ("", 0, 0.0))[1]), cpu)
     stop.wait(0.1)
 
 
@@ -130,9 +144,24 @@ def _timed_build(raw: str, engine: str, workers: int) -> dict:
   with open(os.path.join(out, "build_stats.json")) as f:
     read = json.load(f)["read"]
   cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-  mib = lambda role: sorted(round(kib / 1024) for r, kib in peaks.values() if r == role)
-  return {"engine": engine, "workers": workers, "read": read, "wall": wall, "cpu": cpu,
-          "driver": mib("driver"), "worker": mib("worker")}
+  mib = lambda role: sorted(round(kib / 1024) for r, kib, _ in peaks.values() if r == role)
+  driver_cpu = sum(c for r, _, c in peaks.values() if r == "driver")  # as last sampled (every 0.1 s)
+  sampled_cpu = sum(c for _, _, c in peaks.values())
+  if sampled_cpu > cpu:  # a process the driver did not wait for is missing from RUSAGE_CHILDREN
+    cpu = sampled_cpu
+  return {"engine": engine, "workers": workers, "read": read, "wall": wall, "cpu": cpu, "driver_cpu": driver_cpu,
+          "driver": mib("driver"), "worker": mib("worker"), "out": out}
+
+
+def _build_digest(out: str) -> tuple[dict, dict]:
+  """The counts of a build (build_stats.json without timings and engine) and the sha256 of each shard file."""
+  with open(os.path.join(out, "build_stats.json")) as f:
+    stats = json.load(f)
+  for key in ("seconds", "engine", "cpu_seconds"):
+    stats.pop(key, None)
+  data = writer.data_dir(out)
+  files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(data.glob("*.array_record-*"))}
+  return stats, files
 
 
 def build_benchmark() -> None:
@@ -148,14 +177,24 @@ def build_benchmark() -> None:
   print(f"build of {_NUM_TWEETS.value:,} synthetic tweets ({results[0]['read']:,} records read) on "
         f"{os.cpu_count()} cores; load average before {'/'.join(f'{x:.1f}' for x in load_before)}, "
         f"after {'/'.join(f'{x:.1f}' for x in load_after)}")
-  print(f"{'engine':<8}{'workers':>8}{'wall s':>9}{'tweets/s':>10}{'CPU s':>8}{'tweets/CPU-s':>14}"
-        f"{'driver MiB':>12}  worker peak MiB")
+  print(f"{'engine':<8}{'workers':>8}{'wall s':>9}{'tweets/s':>10}{'CPU s':>8}{'driver CPU s':>14}"
+        f"{'tweets/CPU-s':>14}{'driver MiB':>12}  worker peak MiB")
   for r in results:
     print(f"{r['engine']:<8}{r['workers']:>8}{r['wall']:>9.1f}{r['read'] / r['wall']:>10,.0f}{r['cpu']:>8.1f}"
-          f"{r['read'] / r['cpu']:>14,.0f}{r['driver'][0]:>12}  {r['worker']}")
+          f"{r['driver_cpu']:>14.1f}{r['read'] / r['cpu']:>14,.0f}{r['driver'][0]:>12}  {r['worker']}")
   beam = {r["workers"]: r for r in results if r["engine"] == "beam"}
   if 1 in beam and 2 in beam:
     print(f"2 workers / 1 worker: {beam[1]['wall'] / beam[2]['wall']:.2f}x")
+  digests = {(r["engine"], r["workers"]): _build_digest(r["out"]) for r in results}
+  reference = digests.get(("local", 1))
+  for (engine, workers), (stats, files) in digests.items():
+    if reference and engine == "beam":
+      counts = "identical counts" if stats == reference[0] else "DIFFERENT counts"
+      shards = "byte-identical" if files == reference[1] else "DIFFERENT"
+      print(f"beam, {workers} worker(s) vs local: {counts}, {len(files)} {shards} shards "
+            f"({sum(stats['splits'].values()):,} records kept)")
+      if (stats, files) != reference:
+        raise SystemExit("the engines disagree")
 
 
 def main(argv):

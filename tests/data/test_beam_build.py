@@ -16,13 +16,14 @@ import pytest
 pytest.importorskip("apache_beam")
 
 from tweetjax.data import builder, formats, pipeline, ranges, synthetic, threads, writer  # noqa: E402
-from tweetjax.data import beam_build  # noqa: E402
+from tweetjax.data import beam_build, beam_rounds, beam_shuffle  # noqa: E402
 
 FIX = pathlib.Path(__file__).parent / "fixtures"
 TOK = str(FIX / "tokenizer.model")
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TWO_WORKERS = "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
 SPLIT_BYTES = 3000  # small ranges: the JSONL/CSV exports are read in many pieces
+PARTITION_INPUT_BYTES = 400_000  # ~5 partitions per keyed round: duplicates, LSH pairs and threads cross them
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,10 @@ def _files(root) -> dict[str, str]:
 def _both(raw, tmp_path_factory, config):
   out = tmp_path_factory.mktemp("engines")
   local = builder.build(raw, out / "local", config, tokenizer_path=TOK)
-  beam = builder.build(raw, out / "beam", config, tokenizer_path=TOK, engine="beam", beam_options=TWO_WORKERS,
-                       split_bytes=SPLIT_BYTES)
+  with pytest.MonkeyPatch.context() as mp:  # the partition counts are fixed in the driver, when the pipeline is built
+    mp.setattr(beam_build, "PARTITION_INPUT_BYTES", PARTITION_INPUT_BYTES)
+    beam = builder.build(raw, out / "beam", config, tokenizer_path=TOK, engine="beam", beam_options=TWO_WORKERS,
+                         split_bytes=SPLIT_BYTES)
   return out, local, beam
 
 
@@ -65,6 +68,8 @@ def joined(raw, tmp_path_factory):
 
 def _same_build(out, local, beam):
   assert local.pop("engine") == "local" and beam.pop("engine") == "beam"
+  assert beam.pop("cpu_seconds")["ids"] > 0  # the profile of the Beam build's steps
+  assert not list(out.glob("**/" + beam_shuffle.DIRECTORY))  # the shuffle files are gone
   del local["seconds"], beam["seconds"]
   assert beam == local  # every count: read, skipped and dropped per reason, per split, per format, tokens
   assert _files(out / "beam") == _files(out / "local") and _files(out / "local")  # byte-identical shards
@@ -126,12 +131,12 @@ def test_pointer_jumping_equals_the_chain_walk():
            {"id": "a", "conversation_id": "", "reply_to_id": "v2"}, {"id": "b", "conversation_id": "", "reply_to_id": "a"},
            {"id": "orphan", "conversation_id": "", "reply_to_id": "gone"}]
   chained = [r for r in recs if not r["conversation_id"]]
-  state = beam_build._r_parents({"ids": [(r["id"], r["conversation_id"]) for r in recs],
-                                 "requests": [(r["reply_to_id"], r["id"]) for r in chained if r["reply_to_id"]],
-                                 "roots": [r["id"] for r in chained if not r["reply_to_id"]]}, None)
+  state = beam_rounds.parents(0, {"ids": [(r["id"], r["conversation_id"]) for r in recs],
+                                  "requests": [(r["reply_to_id"], r["id"]) for r in chained if r["reply_to_id"]],
+                                  "roots": [r["id"] for r in chained if not r["reply_to_id"]]}, None)
   for _ in range(threads.LOG2_MAX_REPLY_DEPTH):
-    state = beam_build._r_jump(state, None)
-  rooted = beam_build._r_attach({"states": state["states"], "records": chained}, None)["rooted"]
+    state = beam_rounds.jump(0, state, None)
+  rooted = beam_rounds.attach(0, {"states": state["states"], "records": chained}, None)["rooted"]
   walk = dict(zip((r["id"] for r in recs), threads.conversation_roots(recs)))
   assert {r["id"]: root for root, r in rooted} == {r["id"]: walk[r["id"]] for r in chained}
   assert walk["b"] == "root" and walk["orphan"] == "orphan" and walk["c3"] == "c0"

@@ -126,3 +126,22 @@ def test_fuzz_10k_corrupted_records_exact_counts(tmp_path):
   for reason in formats.SKIP_REASONS:
     assert stats[reason] == want[reason], reason
   assert sum(want[r] for r in formats.SKIP_REASONS) > 5000
+
+
+def test_api_times_parse_as_strptime_does(monkeypatch):
+  rng = random.Random(0)
+  cases = ["2020-02-29T00:00:00Z", "2021-02-29T00:00:00Z", "2020-01-31T12:00:00Z ", "2020-1-31T12:00:00Z",
+           "2020-01-31 12:00:00", "Wed Oct 10  20:19:24 +0000 2018", "wed oct 10 20:19:24 +0000 2018",
+           "Mon Jan 01 00:00:00 +0130 0001", "Fri Dec 31 23:59:59 -0100 9999", "\u0662\u0660\u0662\u0660-01-31T12:00:00Z"]
+  for _ in range(1500):
+    y, mo, d = rng.choice([0, 1, 999, 2020, 9999]), rng.randint(0, 13), rng.randint(0, 32)
+    h, mi, s = rng.randint(0, 25), rng.randint(0, 61), rng.randint(0, 62)
+    frac = rng.choice(["", ".0", ".000", ".123456", ".1234567", "."])
+    cases.append(f"{y:04d}-{mo:02d}-{d:02d}T{h:02d}:{mi:02d}:{s:02d}{frac}Z")
+    wd, mon, tz = rng.choice(["Mon", "Wed", "Xyz"]), rng.choice(["Jan", "Feb", "Oct", "Foo"]), rng.choice(
+        ["+0000", "+0000", "-0500"])
+    cases.append(f"{wd} {mon} {d:02d} {h:02d}:{mi:02d}:{s:02d} {tz} {y:04d}")
+  got = [formats._iso_time(c) for c in cases]
+  monkeypatch.setattr(formats, "_api_time_fields", lambda value: None)  # strptime alone
+  assert got == [formats._iso_time(c) for c in cases]
+  assert sum(map(bool, got)) > 500 and got[:2] == ["2020-02-29T00:00:00Z", ""]

@@ -250,6 +250,9 @@ def build(inputs: Sequence[str] | str, output_dir: str | os.PathLike, config: Bu
     result = summarize(stats, splits, config, time.time() - t0)
     result["tokens"] = tokens
     result["engine"] = engine
+    if engine == "beam":  # CPU seconds per pipeline step, summed over workers (a profile of the build)
+      result["cpu_seconds"] = {k.split("/", 1)[1]: round(v / 1e6, 2) for k, v in sorted(stats.items())
+                               if k.startswith(beam_build.CPU_PREFIX)}
     (tmp / STATS_FILE).write_text(json.dumps(result, indent=2, sort_keys=True))
   return result
 

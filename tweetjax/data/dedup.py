@@ -22,7 +22,7 @@ Shapes: N texts, S shingles in a batch, P hash functions (`num_perm`), B bands, 
 
 import hashlib
 import json
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -56,17 +56,25 @@ def stable_hash(key: str | bytes) -> int:
   return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-def keep_smallest(records: Iterable[dict[str, Any]], key, order) -> tuple[list[dict[str, Any]], int]:
+def smallest_per_key(items: Sequence[Any], key, order) -> list[int]:
+  """Per `key(item)`, the index of the item with the smallest `order(item)` (the earliest on ties), in the order
+  each key first occurs. `order` is computed only for keys that occur more than once (ids and texts rarely do)."""
+  first: dict[Any, int] = {}
+  repeats: dict[Any, list[int]] = {}
+  for i, item in enumerate(items):
+    k = key(item)
+    j = first.setdefault(k, i)
+    if j != i:
+      repeats.setdefault(k, [j]).append(i)
+  if not repeats:
+    return list(first.values())
+  return [i if k not in repeats else min(repeats[k], key=lambda m: order(items[m])) for k, i in first.items()]
+
+
+def keep_smallest(records: Sequence[dict[str, Any]], key, order) -> tuple[list[dict[str, Any]], int]:
   """Per `key(record)`, the record with the smallest `order(record)`; returns (kept, number dropped)."""
-  best: dict[Any, tuple[Any, dict[str, Any]]] = {}
-  total = 0
-  for r in records:
-    total += 1
-    k, o = key(r), order(r)
-    cur = best.get(k)
-    if cur is None or o < cur[0]:
-      best[k] = (o, r)
-  return [r for _, r in best.values()], total - len(best)
+  kept = smallest_per_key(records, key, order)
+  return [records[i] for i in kept], len(records) - len(kept)
 
 
 def _mix64(h_N: np.ndarray) -> np.ndarray:
@@ -137,8 +145,14 @@ class NearDuplicateLSH:
           axis=2, dtype=np.uint64)
       return _mix64(rows_NxB ^ self._band_salt_B)
 
-  def similar(self, sig_a_P: np.ndarray, sig_b_P: np.ndarray) -> bool:
-    return int(np.count_nonzero(sig_a_P == sig_b_P)) >= self.threshold * self.num_perm
+  def similar(self, sig_a_P: np.ndarray, sig_b_P: np.ndarray) -> np.ndarray:
+    """Whether signatures agree on at least `threshold * num_perm` entries: one pair ([P]) or rows ([N, P])."""
+    return np.count_nonzero(sig_a_P == sig_b_P, axis=-1) >= self.threshold * self.num_perm
+
+  def similar_pairs(self, sig_NxP: np.ndarray, a_M: np.ndarray, b_M: np.ndarray, chunk: int = 1 << 16):
+    """`similar` of rows a_M[i] and b_M[i] of sig_NxP, bool[M] (in chunks: no [M, P] temporaries)."""
+    return np.concatenate([self.similar(sig_NxP[a_M[i:i + chunk]], sig_NxP[b_M[i:i + chunk]])
+                           for i in range(0, len(a_M), chunk)] or [np.zeros(0, bool)])
 
 
 _NO_TIME_BYTES = b"\xff" * 6
@@ -158,21 +172,27 @@ def rank_bytes(ranks: Sequence[str]) -> np.ndarray:
   return np.array([_rank_to_bytes(r) for r in ranks], dtype=bytes) if len(ranks) else np.zeros(0, "S1")
 
 
-def bucket_pairs(buckets_M: np.ndarray, ranks_M: np.ndarray) -> list[tuple[bytes, bytes]]:
-  """(member, representative) `rank_bytes` pairs of every bucket with more than one member (module docstring).
+def bucket_pair_indices(buckets_M: np.ndarray, ranks_M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(member, representative) entry indices of every bucket with more than one member (module docstring).
 
   `ranks_M` are `rank_bytes`. The entries of one bucket must all be given together; entries of other buckets may
   be added freely, which is how the Beam engine runs it on one partition of buckets at a time.
   """
   if len(buckets_M) == 0:
-    return []
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
   order_M = np.lexsort((ranks_M, buckets_M))  # by bucket, then rank
   b_M, r_M = buckets_M[order_M], ranks_M[order_M]
   starts_M = np.ones(len(b_M), bool)
   starts_M[1:] = b_M[1:] != b_M[:-1]
-  rep_M = r_M[np.maximum.accumulate(np.where(starts_M, np.arange(len(b_M)), 0))]
-  members = np.flatnonzero(~starts_M & (r_M != rep_M))
-  return list(zip(r_M[members].tolist(), rep_M[members].tolist()))
+  rep_M = np.maximum.accumulate(np.where(starts_M, np.arange(len(b_M)), 0))
+  members = np.flatnonzero(~starts_M & (r_M != r_M[rep_M]))
+  return order_M[members], order_M[rep_M[members]]
+
+
+def bucket_pairs(buckets_M: np.ndarray, ranks_M: np.ndarray) -> list[tuple[bytes, bytes]]:
+  """`bucket_pair_indices` as (member, representative) `rank_bytes` pairs."""
+  member, rep = bucket_pair_indices(buckets_M, ranks_M)
+  return list(zip(ranks_M[member].tolist(), ranks_M[rep].tolist()))
 
 
 def near_duplicates(records: Sequence[dict[str, Any]], lsh: NearDuplicateLSH) -> set[str]:
@@ -180,10 +200,10 @@ def near_duplicates(records: Sequence[dict[str, Any]], lsh: NearDuplicateLSH) ->
   ranks = [rank(r) for r in records]
   sig_NxP = lsh.signatures([r["text"] for r in records])
   buckets_NxB = lsh.buckets(sig_NxP)
-  ranks_N = rank_bytes(ranks)
-  pairs = bucket_pairs(buckets_NxB.ravel(), np.repeat(ranks_N, lsh.bands))
-  row = {r: i for i, r in enumerate(ranks_N.tolist())}
-  return {ranks[row[m]] for m, rep in pairs if lsh.similar(sig_NxP[row[m]], sig_NxP[row[rep]])}
+  member_M, rep_M = bucket_pair_indices(buckets_NxB.ravel(), np.repeat(rank_bytes(ranks), lsh.bands))
+  member_M, rep_M = member_M // lsh.bands, rep_M // lsh.bands  # entry -> record (buckets_NxB is row-major)
+  near = np.unique(member_M[lsh.similar_pairs(sig_NxP, member_M, rep_M)])
+  return {ranks[i] for i in near.tolist()}
 
 
 def jaccard(a: str, b: str, shingle: int = 5) -> float:

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from typing import Any, Generator, Iterator
 
 from etils import epath
@@ -70,17 +71,47 @@ def _label_int(value: Any) -> int:
   return -1
 
 
+_TIME_FORMATS = ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ", "%a %b %d %H:%M:%S %z %Y", "%Y-%m-%d %H:%M:%S")
+_MONTHS = {m: i + 1 for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
+                                           "Nov", "Dec"))}
+# The two forms the APIs write, parsed without strptime (its per-call cost was the largest single item in a build's
+# profile); anything else, or a field out of range, goes through _TIME_FORMATS, which decide the result.
+_V2_TIME = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.[0-9]{1,6})?Z")
+_V1_TIME = re.compile(r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (" + "|".join(_MONTHS) +
+                      r") ([0-9]{2}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) \+0000 ([0-9]{4})")
+
+
+def _api_time_fields(value: str) -> tuple[int, ...] | None:
+  m = _V2_TIME.fullmatch(value)
+  if m:
+    return tuple(map(int, m.groups()))
+  m = _V1_TIME.fullmatch(value)
+  if m:
+    month, day, hour, minute, second, year = m.groups()
+    return int(year), _MONTHS[month], int(day), int(hour), int(minute), int(second)
+  return None
+
+
 def _iso_time(value: Any) -> str:
   """ISO-8601 UTC (`2020-01-31T12:00:00Z`) from v2 ISO or v1.1 `Wed Oct 10 20:19:24 +0000 2018`; "" if unknown."""
   if not isinstance(value, str) or not value:
     return ""
-  for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ", "%a %b %d %H:%M:%S %z %Y", "%Y-%m-%d %H:%M:%S"):
+  fields = _api_time_fields(value)
+  if fields is not None:
+    try:
+      return datetime.datetime(*fields).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+      pass
+  for fmt in _TIME_FORMATS:
     try:
       t = datetime.datetime.strptime(value, fmt)
     except ValueError:
       continue
     if t.tzinfo is not None:
-      t = t.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+      try:
+        t = t.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+      except OverflowError:  # year 1 or 9999 shifted out of range
+        return ""
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
   return ""
 

@@ -104,14 +104,27 @@ def shard_path(root: str | os.PathLike, split: str, shard: int, shards: int) -> 
   return _template(root, split).sharded_filepath(shard_index=shard, num_shards=shards)
 
 
-def write_shard(path: epath.Path, examples: Iterable[tuple[int, bytes]]) -> tuple[int, int]:
-  """Writes (hkey, serialized) pairs in hkey order; returns (records, bytes). Goes to a temp name first."""
-  ordered = sorted(examples, key=lambda e: e[0])
+def write_shard(path: epath.Path, examples: Iterable[tuple[int, bytes]], ordered: bool = False) -> tuple[int, int]:
+  """Writes (hkey, serialized) pairs in hkey order; returns (records, bytes). Goes to a temp name first.
+
+  `ordered`: the pairs come in hkey order already and are written as they come, never held all at once.
+  """
+  if not ordered:
+    examples = sorted(examples, key=lambda e: e[0])
+  totals = [0, 0, -1]  # records, bytes, last hkey
+
+  def checked():
+    for e in examples:
+      if e[0] < totals[2]:
+        raise ValueError(f"{path}: examples out of hash-key order ({e[0]} after {totals[2]})")
+      totals[:] = totals[0] + 1, totals[1] + len(e[1]), e[0]
+      yield e
+
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.incomplete"
-  file_adapters.ADAPTER_FOR_FORMAT[_FORMAT].write_examples(tmp, ordered)
+  file_adapters.ADAPTER_FOR_FORMAT[_FORMAT].write_examples(tmp, checked())
   tmp.rename(path)
-  return len(ordered), sum(len(s) for _, s in ordered)
+  return totals[0], totals[1]
 
 
 def write_split(root: str | os.PathLike, split: str, examples: Sequence[tuple[int, bytes]]) -> list[int]:
