@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tweetjax.model import blockwise
+from tweetjax.parallel import online_softmax
 from tweetjax.model.attention import attention_mask, reference_attention
 from tweetjax.perf import hlo
 
@@ -100,15 +101,15 @@ def _by_block_steps(q, k, v, do, seg, *, bq, softcap):
   kw = dict(causal=True, softcap=softcap)
   outs, dq, dk, dv = [], jnp.zeros_like(qb), jnp.zeros_like(kb), jnp.zeros_like(vb)
   for i in range(L // bq):
-    state = blockwise.initial_state(B, K, G, bq, Dh)
+    state = online_softmax.initial_state(B, K, G, bq, Dh)
     for j in reversed(range(L // bq)):
-      state = blockwise.online_softmax_step(state, qb[:, :, :, blk(i)], kb[:, :, blk(j)], vb[:, :, blk(j)],
+      state = online_softmax.online_softmax_step(state, qb[:, :, :, blk(i)], kb[:, :, blk(j)], vb[:, :, blk(j)],
                                             seg[:, blk(i)], seg[:, blk(j)], pos[blk(i)], pos[blk(j)], **kw)
-    out_i, lse_i = blockwise.finalize(state)
+    out_i, lse_i = online_softmax.finalize(state)
     outs.append(out_i)
     delta_i = jnp.sum(dob[:, :, :, blk(i)] * out_i, axis=-1)
     for j in range(L // bq):
-      dq_ij, dk_ij, dv_ij = blockwise.online_softmax_backward_step(
+      dq_ij, dk_ij, dv_ij = online_softmax.online_softmax_backward_step(
           qb[:, :, :, blk(i)], kb[:, :, blk(j)], vb[:, :, blk(j)], dob[:, :, :, blk(i)], lse_i, delta_i,
           seg[:, blk(i)], seg[:, blk(j)], pos[blk(i)], pos[blk(j)], **kw)
       dq, dk, dv = dq.at[:, :, :, blk(i)].add(dq_ij), dk.at[:, :, blk(j)].add(dk_ij), dv.at[:, :, blk(j)].add(dv_ij)

@@ -18,14 +18,13 @@ then computes about half of its C x 4 chunk pairs. The custom VJP recomputes the
 a second pass around the ring carries K/V with their gradient accumulators, which arrive back at their owner after
 C moves, so no [l, L] probabilities are ever kept.
 
-The per-block steps `online_softmax_step`, `online_softmax_backward_step` and `finalize` follow the contract of
-the blockwise attention kernel (tweetjax/model/blockwise.py once it lands) so that they can be swapped for it.
+The per-block steps are the blockwise kernel's (tweetjax/parallel/online_softmax.py), with the blocks' token indices
+as positions.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -35,10 +34,9 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from tweetjax.parallel.mesh import MeshError
+from tweetjax.parallel.online_softmax import (block_mask, finalize, initial_state, online_softmax_backward_step,
+                                              online_softmax_step)
 from tweetjax.parallel.rules import DEFAULT_RULES, Rules, mesh_axes_of
-
-_NEG = -1e30  # logit of a masked key and the "nothing seen yet" max: finite, so exp(m_old - m_new) is never NaN
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Load-balanced order.
@@ -77,81 +75,6 @@ def context_shards(mesh=None, rules: Rules | None = None) -> int:
   for axis in mesh_axes_of("act_length", rules):
     size *= mesh.shape[axis]
   return size
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Per-block online softmax (q [B, K, G, bq, Dh], k/v [B, K, bk, Dh], ids [B, bq] / [B, bk]).
-
-
-class SoftmaxState(NamedTuple):
-  """Running statistics of one query block, fp32: row max, row sum, weighted sum of values."""
-  max_BxKxGxbq: jax.Array
-  sum_BxKxGxbq: jax.Array
-  acc_BxKxGxbqxDh: jax.Array
-
-
-def initial_state(B: int, K: int, G: int, bq: int, Dh: int) -> SoftmaxState:
-  return SoftmaxState(jnp.full((B, K, G, bq), _NEG, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
-                      jnp.zeros((B, K, G, bq, Dh), jnp.float32))
-
-
-def block_mask(q_segment_ids_Bxbq, kv_segment_ids_Bxbk, q_positions_Bxbq, kv_positions_Bxbk) -> jax.Array:
-  """[B, bq, bk]: same segment and the key not after the query."""
-  return ((q_segment_ids_Bxbq[:, :, None] == kv_segment_ids_Bxbk[:, None, :])
-          & (kv_positions_Bxbk[:, None, :] <= q_positions_Bxbq[:, :, None]))
-
-
-def _logits(q_BxKxGxbqxDh, k_BxKxbkxDh, softcap: float):
-  """Scaled, soft-capped logits [B, K, G, bq, bk] fp32 and the tanh of the cap (for its derivative)."""
-  scale = q_BxKxGxbqxDh.shape[-1] ** -0.5
-  s = jnp.einsum("bkgqd,bksd->bkgqs", q_BxKxGxbqxDh, k_BxKxbkxDh, preferred_element_type=jnp.float32) * scale
-  if softcap:
-    t = jnp.tanh(s / softcap)
-    return softcap * t, t
-  return s, None
-
-
-def online_softmax_step(state: SoftmaxState, q_BxKxGxbqxDh, k_BxKxbkxDh, v_BxKxbkxDh, q_segment_ids_Bxbq,
-                        kv_segment_ids_Bxbk, q_positions_Bxbq, kv_positions_Bxbk, *,
-                        softcap: float = 0.0) -> SoftmaxState:
-  """Folds one key block into the running softmax of one query block."""
-  s, _ = _logits(q_BxKxGxbqxDh, k_BxKxbkxDh, softcap)
-  mask = block_mask(q_segment_ids_Bxbq, kv_segment_ids_Bxbk, q_positions_Bxbq, kv_positions_Bxbk)[:, None, None]
-  s = jnp.where(mask, s, _NEG)
-  m_old, l_old, acc_old = state
-  m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
-  p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-  alpha = jnp.exp(m_old - m_new)
-  pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v_BxKxbkxDh.dtype), v_BxKxbkxDh, preferred_element_type=jnp.float32)
-  return SoftmaxState(m_new, alpha * l_old + jnp.sum(p, axis=-1), alpha[..., None] * acc_old + pv)
-
-
-def finalize(state: SoftmaxState) -> tuple[jax.Array, jax.Array]:
-  """(out [B, K, G, bq, Dh] fp32, log-sum-exp [B, K, G, bq]); a row that saw no key gives 0, 0."""
-  m, l, acc = state
-  seen = l > 0
-  safe = jnp.where(seen, l, 1.0)
-  return jnp.where(seen[..., None], acc / safe[..., None], 0.0), jnp.where(seen, m + jnp.log(safe), 0.0)
-
-
-def online_softmax_backward_step(q_BxKxGxbqxDh, k_BxKxbkxDh, v_BxKxbkxDh, do_BxKxGxbqxDh, lse_BxKxGxbq,
-                                 delta_BxKxGxbq, q_segment_ids_Bxbq, kv_segment_ids_Bxbk, q_positions_Bxbq,
-                                 kv_positions_Bxbk, *, softcap: float = 0.0):
-  """This block pair's (dq, dk, dv) in fp32 from recomputed probabilities; delta = sum(do * out, -1)."""
-  scale = q_BxKxGxbqxDh.shape[-1] ** -0.5
-  s, tanh = _logits(q_BxKxGxbqxDh, k_BxKxbkxDh, softcap)
-  mask = block_mask(q_segment_ids_Bxbq, kv_segment_ids_Bxbk, q_positions_Bxbq, kv_positions_Bxbk)[:, None, None]
-  p = jnp.where(mask, jnp.exp(s - lse_BxKxGxbq[..., None]), 0.0)
-  f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-  dv = f32("bkgqs,bkgqd->bksd", p.astype(do_BxKxGxbqxDh.dtype), do_BxKxGxbqxDh)
-  dp = f32("bkgqd,bksd->bkgqs", do_BxKxGxbqxDh, v_BxKxbkxDh)
-  ds = p * (dp - delta_BxKxGxbq[..., None])
-  if softcap:
-    ds = ds * (1.0 - jnp.square(tanh))
-  ds = (ds * scale).astype(q_BxKxGxbqxDh.dtype)
-  dq = f32("bkgqs,bksd->bkgqd", ds, k_BxKxbkxDh)
-  dk = f32("bkgqs,bkgqd->bksd", ds, q_BxKxGxbqxDh)
-  return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------------------
