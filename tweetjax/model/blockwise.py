@@ -31,11 +31,14 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from tweetjax.parallel.context import context_shards
 from tweetjax.parallel.online_softmax import (block_mask, finalize, initial_state, online_softmax_backward_step,
                                               online_softmax_step)
 from tweetjax.parallel.rules import DEFAULT_RULES, mesh_axes_of
 
 DEFAULT_BLOCK = 128
+
+
 # --- the whole attention: static block schedule + custom VJP --------------------------------------------------------
 
 
@@ -99,14 +102,14 @@ def blockwise_attention(q_BxLxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh
     return local(*args)
   rules = rules or nn.get_logical_axis_rules() or DEFAULT_RULES
   batch_axes, head_axes = mesh_axes_of("act_batch", rules), mesh_axes_of("act_heads", rules)
-  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
-  if size(mesh_axes_of("act_length", rules)) > 1:
+  if context_shards(mesh, rules) > 1:
     raise ValueError("attention_impl='blockwise' needs the sequence unsharded (logical axis 'act_length' -> "
                      f"{list(mesh_axes_of('act_length', rules))}); a sharded sequence needs ring attention")
   if mesh_axes_of("act_kv_heads", rules) != head_axes:
     raise ValueError(f"attention_impl='blockwise' needs 'act_heads' and 'act_kv_heads' on the same mesh axes "
                      f"(got {list(head_axes)} and {list(mesh_axes_of('act_kv_heads', rules))}) so that every "
                      "device holds whole query groups")
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
   if B % size(batch_axes) or K % size(head_axes):
     return local(*args)  # e.g. the batch of 1 that initialises the params: plain SPMD
   spec = lambda *dims: P(*(None if not d else d[0] if len(d) == 1 else tuple(d) for d in dims))
