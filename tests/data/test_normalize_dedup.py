@@ -119,3 +119,22 @@ def test_bucket_rule_is_order_and_partition_independent():
   assert {(as_str[m], as_str[r]) for i in parts
           for m, r in dedup.bucket_pairs(buckets_M[i], dedup.rank_bytes([ranks_M[j] for j in i]))} == pairs
   assert dedup.rank_bytes(ranks_M).argsort(kind="stable").tolist() == sorted(range(600), key=ranks_M.__getitem__)
+
+
+@pytest.mark.parametrize("num_perm,bands", [(64, 16), (48, 12)])  # 48: a sketch word only partly used
+def test_sketch_test_never_rules_out_a_similar_pair(num_perm, bands):
+  rng = np.random.default_rng(num_perm)
+  lsh = dedup.NearDuplicateLSH(threshold=0.7, num_perm=num_perm, bands=bands)
+  a_MxP = rng.integers(0, 2**32, (600, num_perm), dtype=np.uint32)
+  b_MxP = a_MxP.copy()
+  change_MxP = rng.random((600, num_perm)) < rng.random((600, 1))  # each row agrees on a different share
+  high_only_M = np.arange(600) % 2 == 0  # these rows change only above the sketch's bits
+  new_MxP = rng.integers(0, 2**32, (600, num_perm), dtype=np.uint32)
+  new_MxP[high_only_M] = (new_MxP[high_only_M] & ~np.uint32(3)) | (a_MxP[high_only_M] & np.uint32(3))
+  b_MxP[change_MxP] = new_MxP[change_MxP]
+  may_M = lsh.may_be_similar(lsh.sketches(a_MxP), lsh.sketches(b_MxP))
+  similar_M = lsh.similar(a_MxP, b_MxP)
+  low_agree_M = np.count_nonzero((a_MxP & 3) == (b_MxP & 3), axis=1)
+  np.testing.assert_array_equal(may_M, low_agree_M >= 0.7 * num_perm)
+  assert not (similar_M & ~may_M).any()
+  assert similar_M.sum() > 50 and (may_M & ~similar_M).sum() > 50 and (~may_M).sum() > 50

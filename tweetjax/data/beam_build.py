@@ -5,8 +5,9 @@
   ids      keyed by bucket: one record per id (dedup.id_rank); the bucket's store (serialized examples, MinHash
            signatures, ...), written once; the dedup rounds after it move columns of locators, not records
   text     keyed by the normalized text's digest: one record per text (dedup.rank); LSH band entries
-  bands    keyed by LSH band bucket: (representative, member) pairs         } near duplicates,
-  reps     keyed by the representative's bucket: its stored signature       } the rule of dedup.py
+  bands    keyed by LSH band bucket: (representative, member) pairs that  } near duplicates,
+           pass the sketch test (dedup.NearDuplicateLSH.may_be_similar) } the rule of dedup.py
+  reps     keyed by the representative's bucket: its stored signature     }
   final    keyed by bucket: the records its store keeps, and the totals that fix the shard counts
   [threads keyed by id: parents, then LOG2_MAX_REPLY_DEPTH pointer-jumping rounds (threads.py); keyed by root:
            join each conversation; keyed by bucket: the documents' store]
@@ -104,6 +105,8 @@ class _Gather(beam.DoFn):
         for chunk in beam_shuffle.chunks(items, n):
           yield beam.pvalue.TaggedOutput(tag, chunk)
     _commit(stats)
+    outputs = items = None  # what the partition held, before its freed pages go back
+    beam_shuffle.release_memory()
 
 
 def _round(label: str, inputs: dict[str, Any], fn, outputs: Sequence[str], stores: Sequence[str] = (),
@@ -144,6 +147,7 @@ class _ReadClean(beam.DoFn):
       yield self._columns(builder.clean_batch(batch, self._config, stats))
     _cpu("read", t0)
     _commit(stats)
+    beam_shuffle.release_memory()
 
 
 def _shard_tasks(finals: list, buckets: beam_rounds.Buckets):
@@ -180,6 +184,7 @@ def _write_shard(task, root: str):
   split, shard, shards, parts = task
   count, size = writer.write_shard(writer.shard_path(root, split, shard, shards),
                                    _shard_examples(parts, shard, shards), ordered=True)
+  beam_shuffle.release_memory()
   _cpu("write", t0)
   return split, shard, shards, count, size
 
@@ -218,7 +223,8 @@ def build_pipeline(p: beam.Pipeline, plan: Sequence[ranges.Range], total_bytes: 
     final_inputs["drops"] = scatter(text["drops"], "final/scatter_drops", buckets.total)
     bands = text["bands"]
   if config.dedup_near:
-    pairs = _round("bands", {"bands": scatter(bands, "bands/scatter", parts)}, beam_rounds.bands, ["pairs"])["pairs"]
+    pairs = _round("bands", {"bands": scatter(bands, "bands/scatter", parts)}, beam_rounds.bands, ["pairs"],
+                   threshold=config.near_threshold)["pairs"]
     repsigs = _round("reps", {"store": ids["store"], "pairs": scatter(pairs, "reps/scatter", buckets.total)},
                      beam_rounds.reps, ["repsigs"], stores=["store"])["repsigs"]
     final_inputs["repsigs"] = scatter(repsigs, "final/scatter_repsigs", buckets.total)

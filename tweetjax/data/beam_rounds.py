@@ -89,9 +89,10 @@ def _digests(records) -> tuple[np.ndarray, np.ndarray]:
   return raw[:, 0].copy(), raw[:, 1].copy()
 
 
-def _band_entries(buckets_NxB: np.ndarray, ranks_N: np.ndarray, loc_N: np.ndarray):
+def _band_entries(buckets_NxB: np.ndarray, ranks_N: np.ndarray, loc_N: np.ndarray, sketch_NxW: np.ndarray):
   bands = buckets_NxB.shape[1]
-  return buckets_NxB.ravel(), np.repeat(ranks_N, bands), np.repeat(loc_N, bands)
+  return (buckets_NxB.ravel(), np.repeat(ranks_N, bands), np.repeat(loc_N, bands),
+          np.repeat(sketch_NxW, bands, axis=0))
 
 
 def _unique_rows(*cols: np.ndarray) -> np.ndarray:
@@ -127,15 +128,15 @@ def ids(bucket: int, inputs, stats, *, config: builder.BuildConfig, store_dir: s
   if config.dedup_near:
     lsh = _lsh(config.near_threshold)
     blobs["sigs"] = lsh.signatures(texts)
-    buckets_NxB = lsh.buckets(blobs["sigs"])
+    buckets_NxB, sketch_NxW = lsh.buckets(blobs["sigs"]), lsh.sketches(blobs["sigs"])
   store = beam_shuffle.write_store(store_dir, f"{bucket:06d}", blobs, compress=("hkeys", "payload"))
   out["store"] = [(bucket, store)]
   loc_N = (np.uint64(bucket) << np.uint64(ROW_BITS)) | np.arange(len(records), dtype=np.uint64)
   if config.dedup_exact:
     hi_N, lo_N = _digests(records)
-    out["texts"] = (hi_N, lo_N, ranks_N, loc_N) + ((buckets_NxB,) if config.dedup_near else ())
+    out["texts"] = (hi_N, lo_N, ranks_N, loc_N) + ((buckets_NxB, sketch_NxW) if config.dedup_near else ())
   elif config.dedup_near:
-    out["bands"] = _band_entries(buckets_NxB, ranks_N, loc_N)
+    out["bands"] = _band_entries(buckets_NxB, ranks_N, loc_N, sketch_NxW)
   return out
 
 
@@ -152,15 +153,21 @@ def text(partition: int, inputs, stats, *, near: bool):
   stats["duplicate"] += len(dropped)
   out = {"drops": (loc_N[dropped] >> np.uint64(ROW_BITS), loc_N[dropped])}
   if near:
-    out["bands"] = _band_entries(cols[4][kept], ranks_N[kept], loc_N[kept])
+    out["bands"] = _band_entries(cols[4][kept], ranks_N[kept], loc_N[kept], cols[5][kept])
   return out
 
 
-def bands(partition: int, inputs, stats):
-  """(representative, member) pairs of each band bucket (dedup.bucket_pair_indices), to the representative's bucket."""
+def bands(partition: int, inputs, stats, *, threshold: float):
+  """(representative, member) pairs of each band bucket (dedup.bucket_pair_indices), to the representative's bucket.
+
+  Only the pairs whose sketches may be similar (dedup.NearDuplicateLSH.may_be_similar, never a false negative) go
+  on: on the synthetic corpus ~1% of the candidates, whose signatures the next two rounds would move otherwise.
+  """
   del partition, stats
-  buckets_M, ranks_M, loc_M = inputs["bands"]
+  buckets_M, ranks_M, loc_M, sketch_MxW = inputs["bands"]
   member, rep = dedup.bucket_pair_indices(buckets_M, ranks_M)
+  maybe = _lsh(threshold).may_be_similar(sketch_MxW[member], sketch_MxW[rep])
+  member, rep = member[maybe], rep[maybe]
   rep_loc, member_loc = loc_M[rep], loc_M[member]
   first = _unique_rows(rep_loc, member_loc)  # a pair sharing several bands of this partition, once
   rep_loc, member_loc = rep_loc[first], member_loc[first]
