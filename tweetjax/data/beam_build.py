@@ -128,7 +128,13 @@ class _ReadClean(beam.DoFn):
     splits = [builder.split_of(r["id"], self._config.validation_fraction) for r in records]
     hkeys = [writer.hkey(s, r["id"]) for s, r in zip(splits, records)]
     where = np.array([self._buckets.of(s, h) for s, h in zip(splits, hkeys)], np.uint64)
-    return where, beam_shuffle.objects(hkeys), beam_shuffle.objects(records)
+    if self._config.join_threads:  # threads are joined from records, documents serialized after the join
+      return where, beam_shuffle.objects(hkeys), beam_shuffle.objects(records)
+    # Records leave as what the ids round needs of them (beam_rounds.ids): the serialized example is cheaper to
+    # move than the record's dict and is made once either way.
+    return (where, beam_shuffle.objects(hkeys), beam_shuffle.objects([r["id"] for r in records]),
+            beam_shuffle.objects([dedup.rank(r) for r in records]), beam_shuffle.objects([r["text"] for r in records]),
+            beam_shuffle.objects([writer.serialize(r) for r in records]))
 
   def process(self, rng: ranges.Range, quotes):
     stats = Stats()
@@ -147,7 +153,6 @@ class _ReadClean(beam.DoFn):
       yield self._columns(builder.clean_batch(batch, self._config, stats))
     _cpu("read", t0)
     _commit(stats)
-    beam_shuffle.release_memory()
 
 
 def _shard_tasks(finals: list, buckets: beam_rounds.Buckets):

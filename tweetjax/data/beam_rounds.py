@@ -83,9 +83,9 @@ def _token_counts(texts, tokenizer_path: str | None) -> np.ndarray:
   return np.array([len(ids) + 2 for ids in _tokenizer(tokenizer_path).encode_batch(texts)], np.int64)
 
 
-def _digests(records) -> tuple[np.ndarray, np.ndarray]:
+def _digests(texts) -> tuple[np.ndarray, np.ndarray]:
   """The exact-duplicate key (dedup.text_key, 128 bits) as two uint64 columns."""
-  raw = np.frombuffer(b"".join(builder.text_key(r) for r in records), ">u8").reshape(-1, 2).astype(np.uint64)
+  raw = np.frombuffer(b"".join(dedup.text_key(t) for t in texts), ">u8").reshape(-1, 2).astype(np.uint64)
   return raw[:, 0].copy(), raw[:, 1].copy()
 
 
@@ -110,20 +110,32 @@ def _unique_rows(*cols: np.ndarray) -> np.ndarray:
 
 
 def ids(bucket: int, inputs, stats, *, config: builder.BuildConfig, store_dir: str, tokenizer_path: str | None):
-  """One record per id (dedup.id_rank), the bucket's store in hash-key order, the columns of the next round."""
-  _, hkeys, records = inputs["records"]
-  kept = dedup.smallest_per_key(records, key=lambda r: r["id"], order=dedup.id_rank)
-  stats["duplicate_id"] += len(records) - len(kept)
-  kept.sort(key=hkeys.__getitem__)
-  hkeys, records = hkeys[kept].tolist(), records[kept].tolist()
-  texts = [r["text"] for r in records]
-  ranks_N = dedup.rank_bytes([dedup.rank(r) for r in records])
-  if config.join_threads:  # documents are serialized after the join
-    blobs = {"hkeys": hkeys, "payload": records, "lengths": np.zeros(len(records), np.int64)}
+  """One record per id (dedup.id_rank), the bucket's store in hash-key order, the columns of the next round.
+
+  The records come as columns (hash key, id, rank, text, serialized example: beam_build._ReadClean), or as
+  (hash key, record) when threads are joined next.
+  """
+  cols = inputs["records"]
+  hkeys = cols[1]
+  if config.join_threads:
+    records = cols[2]
+    kept = dedup.smallest_per_key(records, key=lambda r: r["id"], order=builder.id_rank)
   else:
-    examples = [writer.serialize(r) for r in records]
-    blobs = {"hkeys": hkeys, "payload": examples, "lengths": np.array([len(e) for e in examples], np.int64),
-             "tokens": _token_counts(texts, tokenizer_path)}
+    ids_N, ranks_N, texts_N, examples_N = cols[2:]
+    kept = dedup.smallest_per_key(range(len(ids_N)), key=ids_N.__getitem__,
+                                  order=lambda i: (ranks_N[i], texts_N[i], examples_N[i]))  # dedup.id_rank
+  stats["duplicate_id"] += len(hkeys) - len(kept)
+  kept.sort(key=hkeys.__getitem__)
+  blobs = {"hkeys": hkeys[kept].tolist()}
+  if config.join_threads:  # documents are serialized after the join
+    records = records[kept].tolist()
+    ranks, texts = [dedup.rank(r) for r in records], [r["text"] for r in records]
+    blobs.update(payload=records, lengths=np.zeros(len(records), np.int64))
+  else:
+    ranks, texts, examples = ranks_N[kept].tolist(), texts_N[kept].tolist(), examples_N[kept].tolist()
+    blobs.update(payload=examples, lengths=np.array([len(e) for e in examples], np.int64),
+                 tokens=_token_counts(texts, tokenizer_path))
+  ranks_N = dedup.rank_bytes(ranks)
   out = {}
   if config.dedup_near:
     lsh = _lsh(config.near_threshold)
@@ -131,9 +143,9 @@ def ids(bucket: int, inputs, stats, *, config: builder.BuildConfig, store_dir: s
     buckets_NxB, sketch_NxW = lsh.buckets(blobs["sigs"]), lsh.sketches(blobs["sigs"])
   store = beam_shuffle.write_store(store_dir, f"{bucket:06d}", blobs, compress=("hkeys", "payload"))
   out["store"] = [(bucket, store)]
-  loc_N = (np.uint64(bucket) << np.uint64(ROW_BITS)) | np.arange(len(records), dtype=np.uint64)
+  loc_N = (np.uint64(bucket) << np.uint64(ROW_BITS)) | np.arange(len(texts), dtype=np.uint64)
   if config.dedup_exact:
-    hi_N, lo_N = _digests(records)
+    hi_N, lo_N = _digests(texts)
     out["texts"] = (hi_N, lo_N, ranks_N, loc_N) + ((buckets_NxB, sketch_NxW) if config.dedup_near else ())
   elif config.dedup_near:
     out["bands"] = _band_entries(buckets_NxB, ranks_N, loc_N, sketch_NxW)

@@ -226,12 +226,15 @@ class Scatter(beam.DoFn):
 
   def _add(self, chunk):
     keys_N = chunk[0] if self._key_fn is None else np.fromiter(map(self._key_fn, chunk), np.uint64, len(chunk))
-    part_N = keys_N % np.uint64(self._partitions)
-    order = np.argsort(part_N, kind="stable")
-    bounds = np.flatnonzero(np.diff(part_N[order])) + 1
-    for idx in np.split(order, bounds):
-      p = int(part_N[idx[0]])
-      piece = take(chunk, idx)
+    part_N = (keys_N % np.uint64(self._partitions)).astype(np.min_scalar_type(self._partitions))
+    order_N = np.argsort(part_N, kind="stable")  # a radix sort for small integer types
+    counts_P = np.bincount(part_N, minlength=self._partitions)
+    ends_P = np.cumsum(counts_P)
+    by_part = take(chunk, order_N)  # one gather per column, then copies of contiguous slices
+    for p in np.flatnonzero(counts_P).tolist():
+      start, end = int(ends_P[p] - counts_P[p]), int(ends_P[p])
+      # copies: a view would keep the whole chunk alive while the weight counts only the piece
+      piece = tuple(c[start:end].copy() for c in by_part) if is_columns(by_part) else by_part[start:end]
       weight = _weight(piece)
       self._items[p].append(piece)
       self._item_bytes[p] += weight

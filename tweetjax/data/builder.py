@@ -88,8 +88,12 @@ def text_key(r: formats.Record) -> bytes:
   return dedup.text_key(r["text"])
 
 
+def id_rank(r: formats.Record) -> tuple[str, str, bytes]:
+  return dedup.id_rank(r, writer.serialize(r))
+
+
 def dedup_ids(records: Iterable[formats.Record], stats: collections.Counter) -> list[formats.Record]:
-  kept, dropped = dedup.keep_smallest(records, key=lambda r: r["id"], order=dedup.id_rank)
+  kept, dropped = dedup.keep_smallest(records, key=lambda r: r["id"], order=id_rank)
   stats["duplicate_id"] += dropped
   return kept
 

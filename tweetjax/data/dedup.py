@@ -5,7 +5,7 @@ the Beam engine (one partition of keys at a time, any number of workers) keep ex
 
 Keeper order (`rank`): the smallest (created_at, id) wins, ids compared as (length, string) so numeric ids compare
 as numbers; a record without a time sorts after every record with one. Records sharing an id are ordered by
-`id_rank` (rank, then text, then the whole record), which is total.
+`id_rank` (rank, then text, then the serialized example), which is total.
 
 Near-duplicates: MinHash over character k-shingles (k = `shingle`, default 5) with `num_perm` hash functions; LSH
 buckets of `num_perm // bands` rows in each of `bands` bands. The rule, one keyed round over band buckets:
@@ -22,7 +22,6 @@ W 64-bit words of a sketch.
 """
 
 import hashlib
-import json
 from typing import Any, Sequence
 
 import numpy as np
@@ -41,9 +40,10 @@ def rank_id(rank_str: str) -> str:
   return rank_str[26:]
 
 
-def id_rank(record: dict[str, Any]) -> tuple[str, str, str]:
-  """Total order among records sharing an id."""
-  return rank(record), record["text"], json.dumps(record, sort_keys=True, ensure_ascii=False)
+def id_rank(record: dict[str, Any], example: bytes) -> tuple[str, str, bytes]:
+  """Total order among records sharing an id: rank, then text, then `example`, the record's serialized
+  tf.Example (writer.serialize): two records equal in all three are written identically, so either may be kept."""
+  return rank(record), record["text"], example
 
 
 def text_key(text: str) -> bytes:
