@@ -172,3 +172,30 @@ def test_killed_pipeline_leaves_no_dataset(tmp_path):
   assert stale and not any((p / builder.STATS_FILE).exists() for p in stale)
   builder.build([str(FIX)], out)  # the next build of the same output removes the dead build's temp directory
   assert builder.is_complete(out) and not list(tmp_path.glob(".ds.tmp-*"))
+
+
+@pytest.mark.parametrize("join_threads", [False, True])
+def test_ids_round_keeps_the_local_engines_record_per_id(tmp_path, join_threads):
+  def rec(i, text, t, author):
+    return {"id": i, "text": text, "author_id": author, "lang": "en", "created_at": t, "conversation_id": "",
+            "reply_to_id": "", "is_retweet": False, "toxicity": -1, "spam": -1, "misinformation": -1, "topic": "",
+            "audience": ""}
+  recs = [rec("7", "one text", "2023-03-01T00:00:00Z", "b"), rec("7", "one text", "2023-03-01T00:00:00Z", "a"),
+          rec("7", "one text", "2023-03-02T00:00:00Z", ""), rec("8", "zzz later text", "", "x"),
+          rec("8", "aaa later text", "", "y"), rec("9", "alone", "2023-03-01T00:00:00Z", "")]
+  config = builder.BuildConfig(join_threads=join_threads)
+  stats = collections.Counter()
+  want = builder.dedup_ids([dict(r) for r in recs], stats)
+  # rank ties broken by text, then (same text) by the serialized example: author "a" wins over "b"
+  assert sorted((r["id"], r["author_id"]) for r in want) == [("7", "a"), ("8", "y"), ("9", "")]
+  buckets = beam_rounds.Buckets.for_input(1, config.validation_fraction)
+  for order in (recs, recs[::-1]):
+    cols = beam_build._ReadClean(config, buckets)._columns([dict(r) for r in order])
+    beam_stats = collections.Counter()
+    out = beam_rounds.ids(0, {"records": cols}, beam_stats, config=config, store_dir=str(tmp_path),
+                          tokenizer_path=None)
+    (payload,) = beam_shuffle.read_store(out["store"][0][1], "payload")  # in hash-key order
+    by_hkey = sorted(want, key=lambda r: writer.hkey(builder.split_of(r["id"], config.validation_fraction),
+                                                     r["id"]))
+    assert payload == (by_hkey if join_threads else [writer.serialize(r) for r in by_hkey])
+    assert beam_stats["duplicate_id"] == stats["duplicate_id"] == 3
