@@ -59,10 +59,6 @@ def _commit(stats: Stats) -> None:
       beam.metrics.Metrics.counter(NAMESPACE, name).inc(value)
 
 
-def _cpu(step: str, t0: float) -> None:
-  beam_shuffle.count_cpu(step, t0)
-
-
 class _Gather(beam.DoFn):
   """(partition, {input: [refs]}) -> fn(partition, {input: items}, stats) -> tagged chunks of output items.
 
@@ -90,7 +86,7 @@ class _Gather(beam.DoFn):
     stats = Stats()
     outputs = self._fn(partition, inputs, stats, **self._kwargs)
     del inputs
-    _cpu(self._label, t0)
+    beam_shuffle.count_cpu(self._label, t0)
     for tag, items in outputs.items():
       if items is None:
         continue
@@ -119,21 +115,20 @@ def _round(label: str, inputs: dict[str, Any], fn, outputs: Sequence[str], store
 
 
 class _ReadClean(beam.DoFn):
-  """A byte range of an export -> columns (bucket, hash key, record) of its normalized, filtered records."""
+  """A byte range of an export -> columns (bucket, hash key, ...) of its normalized, filtered records: rank, text
+  and serialized example, or the record itself when threads are joined."""
 
   def __init__(self, config: builder.BuildConfig, buckets: beam_rounds.Buckets):
     self._config, self._buckets = config, buckets
 
   def _columns(self, records):
-    splits = [builder.split_of(r["id"], self._config.validation_fraction) for r in records]
-    hkeys = [writer.hkey(s, r["id"]) for s, r in zip(splits, records)]
-    where = np.array([self._buckets.of(s, h) for s, h in zip(splits, hkeys)], np.uint64)
+    hkeys, where = self._buckets.locate([r["id"] for r in records], self._config.validation_fraction)
     if self._config.join_threads:  # threads are joined from records, documents serialized after the join
       return where, beam_shuffle.objects(hkeys), beam_shuffle.objects(records)
     # Records leave as what the ids round needs of them (beam_rounds.ids): the serialized example is cheaper to
     # move than the record's dict and is made once either way.
-    return (where, beam_shuffle.objects(hkeys), beam_shuffle.objects([r["id"] for r in records]),
-            beam_shuffle.objects([dedup.rank(r) for r in records]), beam_shuffle.objects([r["text"] for r in records]),
+    return (where, beam_shuffle.objects(hkeys), beam_shuffle.objects([dedup.rank(r) for r in records]),
+            beam_shuffle.objects([r["text"] for r in records]),
             beam_shuffle.objects([writer.serialize(r) for r in records]))
 
   def process(self, rng: ranges.Range, quotes):
@@ -145,13 +140,13 @@ class _ReadClean(beam.DoFn):
       batch.append(r)
       if len(batch) == builder.BATCH:
         columns = self._columns(builder.clean_batch(batch, self._config, stats))
-        _cpu("read", t0)
+        beam_shuffle.count_cpu("read", t0)
         yield columns
         t0 = time.thread_time()
         batch = []
     if batch:
       yield self._columns(builder.clean_batch(batch, self._config, stats))
-    _cpu("read", t0)
+    beam_shuffle.count_cpu("read", t0)
     _commit(stats)
 
 
@@ -190,7 +185,7 @@ def _write_shard(task, root: str):
   count, size = writer.write_shard(writer.shard_path(root, split, shard, shards),
                                    _shard_examples(parts, shard, shards), ordered=True)
   beam_shuffle.release_memory()
-  _cpu("write", t0)
+  beam_shuffle.count_cpu("write", t0)
   return split, shard, shards, count, size
 
 
@@ -321,8 +316,9 @@ def run(inputs, root, config: builder.BuildConfig, *, beam_options: str = "", to
   stats = _counters(result, NAMESPACE)
   stats.update({f"{CPU_PREFIX}{step}": us for step, us in _counters(result, beam_shuffle.CPU_NAMESPACE).items()})
   infos_path = epath.Path(root) / _SHARD_INFOS
-  infos = json.loads(infos_path.read_text()) if infos_path.exists() else []
+  infos = []
   if infos_path.exists():
+    infos = json.loads(infos_path.read_text())
     infos_path.unlink()
   lengths: dict[str, list[int]] = {}
   for split, shard, shards, count, _ in infos:

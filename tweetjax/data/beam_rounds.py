@@ -51,6 +51,12 @@ class Buckets:
   def of(self, split: str, hkey: int) -> int:
     return self.base(split) + ((hkey * self.counts[writer.SPLITS.index(split)]) >> 128)
 
+  def locate(self, ids, validation_fraction: float) -> tuple[list[int], np.ndarray]:
+    """The TFDS hash keys (writer.hkey within each id's split) and the buckets of `ids`."""
+    splits = [builder.split_of(i, validation_fraction) for i in ids]
+    hkeys = [writer.hkey(s, i) for s, i in zip(splits, ids)]
+    return hkeys, np.array([self.of(s, h) for s, h in zip(splits, hkeys)], np.uint64)
+
   def split_of(self, bucket: int) -> str:
     for split, n in zip(writer.SPLITS, self.counts):
       if bucket < n:
@@ -112,7 +118,7 @@ def _unique_rows(*cols: np.ndarray) -> np.ndarray:
 def ids(bucket: int, inputs, stats, *, config: builder.BuildConfig, store_dir: str, tokenizer_path: str | None):
   """One record per id (dedup.id_rank), the bucket's store in hash-key order, the columns of the next round.
 
-  The records come as columns (hash key, id, rank, text, serialized example: beam_build._ReadClean), or as
+  The records come as columns (hash key, rank, text, serialized example: beam_build._ReadClean), or as
   (hash key, record) when threads are joined next.
   """
   cols = inputs["records"]
@@ -121,9 +127,9 @@ def ids(bucket: int, inputs, stats, *, config: builder.BuildConfig, store_dir: s
     records = cols[2]
     kept = dedup.smallest_per_key(records, key=lambda r: r["id"], order=builder.id_rank)
   else:
-    ids_N, ranks_N, texts_N, examples_N = cols[2:]
-    kept = dedup.smallest_per_key(range(len(ids_N)), key=ids_N.__getitem__,
-                                  order=lambda i: (ranks_N[i], texts_N[i], examples_N[i]))  # dedup.id_rank
+    ranks_N, texts_N, examples_N = cols[2:]
+    kept = dedup.smallest_per_key(range(len(ranks_N)), key=lambda i: dedup.rank_id(ranks_N[i]),
+                                  order=lambda i: dedup.id_rank(ranks_N[i], texts_N[i], examples_N[i]))
   stats["duplicate_id"] += len(hkeys) - len(kept)
   kept.sort(key=hkeys.__getitem__)
   blobs = {"hkeys": hkeys[kept].tolist()}
@@ -282,11 +288,9 @@ def join(partition, inputs, stats, *, validation_fraction: float, buckets: Bucke
       groups[root].append(r)
   docs = [threads.join_group(root, tweets) for root, tweets in groups.items()]
   stats["thread_merged"] += threads.merged_count(docs)
-  splits = [builder.split_of(d["id"], validation_fraction) for d in docs]
-  hkeys = [writer.hkey(s, d["id"]) for s, d in zip(splits, docs)]
+  hkeys, where = buckets.locate([d["id"] for d in docs], validation_fraction)
   examples = [writer.serialize(d) for d in docs]
   tokens = _token_counts([d["text"] for d in docs], tokenizer_path)
-  where = np.array([buckets.of(s, h) for s, h in zip(splits, hkeys)], np.uint64)
   return {"examples": (where, beam_shuffle.objects(hkeys), beam_shuffle.objects(examples),
                        np.array([len(e) for e in examples], np.int64), tokens)}
 

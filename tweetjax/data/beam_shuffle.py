@@ -194,9 +194,12 @@ class Scatter(beam.DoFn):
     self._blobs[p].append(blob)
     self._packed += len(blob)
 
-  def _write_run(self) -> Iterable[tuple[int, Ref]]:
+  def _pack_all(self) -> None:
     for p in list(self._items):
       self._pack(p)
+
+  def _write_run(self) -> Iterable[tuple[int, Ref]]:
+    self._pack_all()
     if not self._blobs:
       return
     d = epath.Path(self._dir)
@@ -242,8 +245,7 @@ class Scatter(beam.DoFn):
       if self._item_bytes[p] >= PACK_BYTES:
         self._pack(p)
     if self._buffered >= BUFFER_BYTES:
-      for p in list(self._items):
-        self._pack(p)
+      self._pack_all()
     if self._packed >= RUN_BYTES:
       yield from self._write_run()
 

@@ -89,7 +89,7 @@ def text_key(r: formats.Record) -> bytes:
 
 
 def id_rank(r: formats.Record) -> tuple[str, str, bytes]:
-  return dedup.id_rank(r, writer.serialize(r))
+  return dedup.id_rank(dedup.rank(r), r["text"], writer.serialize(r))
 
 
 def dedup_ids(records: Iterable[formats.Record], stats: collections.Counter) -> list[formats.Record]:

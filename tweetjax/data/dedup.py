@@ -40,10 +40,10 @@ def rank_id(rank_str: str) -> str:
   return rank_str[26:]
 
 
-def id_rank(record: dict[str, Any], example: bytes) -> tuple[str, str, bytes]:
-  """Total order among records sharing an id: rank, then text, then `example`, the record's serialized
+def id_rank(rank_str: str, text: str, example: bytes) -> tuple[str, str, bytes]:
+  """Total order among records sharing an id: `rank`, then the text, then `example`, the record's serialized
   tf.Example (writer.serialize): two records equal in all three are written identically, so either may be kept."""
-  return rank(record), record["text"], example
+  return rank_str, text, example
 
 
 def text_key(text: str) -> bytes:
