@@ -98,7 +98,8 @@ class ModelConfig:
   matmul_impl: str = "auto"
   # "blockwise" (tweetjax/model/blockwise.py: online softmax over key blocks, no [L, L] scores, the causal blocks
   # above the diagonal skipped; the fastest on CPU, and the GPU path where cuDNN cannot serve, e.g. a soft-cap) |
-  # "cudnn" | "xla" (jax.nn.dot_product_attention) | "reference" (einsum). KV-cache decoding runs blockwise as "xla".
+  # "cudnn" | "xla" (jax.nn.dot_product_attention) | "reference" (einsum). KV-cache decoding runs
+  # attention.cached_attention, whatever this says.
   attention_impl: str = "blockwise"
   attention_block_size: int = 128  # query and key block length of attention_impl="blockwise" (GPUs: 512 or more)
   # Tokens per chunk of the tiled LM head + cross-entropy (tweetjax/parallel/losses.py), per device: the [tokens, V]

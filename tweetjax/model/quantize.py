@@ -60,24 +60,27 @@ class Int8Table:
   scale_V: jax.Array
 
 
+def symmetric_int8(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """(q int8, scale fp32) with x ~ q * scale: scale = max|x| over `axes` / 127 (1 where that is 0), kept as size-1
+  axes so that it broadcasts against x."""
+  x = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+  return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+
+
 def quantize_kernel(w: jax.Array, num_contracted: int, rank: int) -> Int8Kernel:
-  """Symmetric per-output-feature int8: scale = max|w| over the contracted axes / 127 (1 where w is all zero).
-  `rank` is one layer's kernel rank; an extra leading axis (stacked layers) is kept."""
+  """Symmetric per-output-feature int8 (the scale from the contracted axes). `rank` is one layer's kernel rank; an
+  extra leading axis (stacked layers) is kept."""
   first = w.ndim - rank
   axes = tuple(range(first, first + num_contracted))
-  w = w.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
-  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-  q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+  q, scale = symmetric_int8(w, axes)
   return Int8Kernel(q=q, scale=jnp.squeeze(scale, axes), num_contracted=num_contracted)
 
 
 def quantize_table(table_VxD: jax.Array) -> Int8Table:
-  t = table_VxD.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(t), axis=1, keepdims=True)
-  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-  q = jnp.clip(jnp.round(t / scale), -127, 127).astype(jnp.int8)
-  return Int8Table(q_VxD=q, q_DxV=q.T, scale_V=scale[:, 0])
+  q, scale_Vx1 = symmetric_int8(table_VxD, (1,))
+  return Int8Table(q_VxD=q, q_DxV=q.T, scale_V=scale_Vx1[:, 0])
 
 
 # Fewer rows than this are zero-padded up to it: XLA:CPU runs an int8 dot of fewer than 16 rows on a far slower
@@ -91,10 +94,7 @@ def int8_matmul(x_NxK: jax.Array, q_KxM: jax.Array, scale_M: jax.Array, dtype) -
   if N < INT8_MIN_ROWS and jax.default_backend() == "cpu":
     padded = jnp.pad(x_NxK, ((0, INT8_MIN_ROWS - N), (0, 0)))
     return int8_matmul(padded, q_KxM, scale_M, dtype)[:N]
-  x = x_NxK.astype(jnp.float32)
-  amax_Nx1 = jnp.max(jnp.abs(x), axis=1, keepdims=True)
-  x_scale_Nx1 = jnp.where(amax_Nx1 > 0, amax_Nx1 / 127.0, 1.0)
-  xq_NxK = jnp.clip(jnp.round(x / x_scale_Nx1), -127, 127).astype(jnp.int8)
+  xq_NxK, x_scale_Nx1 = symmetric_int8(x_NxK, (1,))
   acc_NxM = jnp.dot(xq_NxK, q_KxM, preferred_element_type=jnp.int32)
   return (acc_NxM.astype(jnp.float32) * x_scale_Nx1 * scale_M[None, :].astype(jnp.float32)).astype(dtype)
 
