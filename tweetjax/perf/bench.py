@@ -100,20 +100,12 @@ def train_step_profile(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """One traced train step after a warm-up: wall time per model part, matmul or not (tweetjax/perf/op_profile.py)."""
   from tweetjax.parallel.rules import mesh_context  # pylint: disable=g-import-not-at-top
   from tweetjax.perf import op_profile  # pylint: disable=g-import-not-at-top
-  from tweetjax.train.experiment import build_experiment  # pylint: disable=g-import-not-at-top
-  from tweetjax.train.loop import make_train_iterator  # pylint: disable=g-import-not-at-top
-  experiment = build_experiment(config)
-  state = experiment.init_state()
-  step_fn = experiment.train_step()
-  batches = make_train_iterator(config, experiment)
-  first, second = next(batches), next(batches)
-  state, metrics = step_fn(state, first)
-  jax.block_until_ready(metrics)
+  runner = StepRunner(config)  # compiled, one step done
+  experiment, batch = runner.experiment, runner.batches[1]
   with mesh_context(experiment.mesh, experiment.rules):  # the same program the step runs, for its op names
-    hlo_text = step_fn.jitted.lower(state, second).compile().as_text()
-  result = op_profile.profile_step(step_fn, hlo_text, state, second)
-  tokens = int(config.data.global_batch_size) * int(config.data.seq_len)
-  return {"tokens_per_step": tokens, **result}
+    hlo_text = runner.step_fn.jitted.lower(runner.state, batch).compile().as_text()
+  result = op_profile.profile_step(runner.step_fn, hlo_text, runner.state, batch)
+  return {"tokens_per_step": runner.tokens, **result}
 
 
 def compile_time(config: ml_collections.ConfigDict) -> dict[str, Any]:
