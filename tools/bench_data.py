@@ -19,7 +19,6 @@ the build already normalized, so it only tokenizes and packs (it normalizes agai
 differs from the build's options, see tweetjax/data/pipeline.py).
 """
 
-import hashlib
 import json
 import os
 import resource
@@ -159,9 +158,7 @@ def _build_digest(out: str) -> tuple[dict, dict]:
     stats = json.load(f)
   for key in ("seconds", "engine", "cpu_seconds"):
     stats.pop(key, None)
-  data = writer.data_dir(out)
-  files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(data.glob("*.array_record-*"))}
-  return stats, files
+  return stats, writer.shard_digests(out)
 
 
 def build_benchmark() -> None:

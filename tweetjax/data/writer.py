@@ -8,6 +8,7 @@ metadata (`dataset_info.json`, `features.json`) is TFDS's own, so `tfds.builder_
 """
 
 import functools
+import hashlib
 import math
 import os
 from typing import Any, Iterable, Sequence
@@ -93,6 +94,11 @@ def shard_of(key: int, shards: int) -> int:
 
 def data_dir(root: str | os.PathLike) -> epath.Path:
   return epath.Path(root) / NAME / VERSION
+
+
+def shard_digests(root: str | os.PathLike) -> dict[str, str]:
+  """sha256 of every shard file of the dataset at `root`, by file name: two builds wrote the same bytes iff equal."""
+  return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(data_dir(root).glob("*.array_record-*"))}
 
 
 def _template(root: str | os.PathLike, split: str) -> naming.ShardedFileTemplate:
