@@ -274,7 +274,7 @@ def _ratio_line(shape: str, dtype: str, ours: dict, torch: dict, peak: float, to
 
 
 def bench_profile(results: dict) -> None:
-  print(f"\n== where a train step's time goes (one traced step, 1 device) [{_load()}]", flush=True)
+  print(f"\n== where a train step's time goes (one traced step, 1 device) [{_context()}]", flush=True)
   for shape in _SHAPES.value:
     path, extra = _SHAPE_CONFIGS[shape]
     for dtype in _DTYPES.value:
