@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from tensorflow_datasets.proto import tf_example_pb2
 
 from tweetjax.data import builder, normalize, pipeline, synthetic, writer
 from tweetjax.data.tokenizer import Tokenizer
@@ -186,5 +187,30 @@ def test_direct_serialization_equals_tfds_encoder(dataset):
   path, _ = dataset
   examples = pipeline.load_examples(path, "validation")[:200]
   examples += [{**examples[0], "text": "", "topic": "", "num_tweets": 3, "toxicity": -1}]
+  long_text = "é🙂 tweet " * 20  # past the precomputed heads (128 bytes), and multi-byte characters
+  examples += [{**examples[0], "text": long_text, "topic": "x" * 127, "audience": "y" * 128},
+               {**examples[0], "text": "z" * 20_000, "is_retweet": True, "spam": 127, "misinformation": 128,
+                "toxicity": -2},
+               {k: v for k, v in examples[0].items() if k != "num_tweets"}]
   for ex in examples:
     assert writer.serialize(ex) == writer.tfds_serialize(ex)
+
+
+def _protobuf_serialize(record):
+  example = tf_example_pb2.Example()
+  for key, is_text in writer._fields():
+    value = example.features.feature[key]
+    if is_text:
+      value.bytes_list.value.append(record.get(key, "").encode("utf-8"))
+    else:
+      value.int64_list.value.append(int(record.get(key, 1)))
+  return example.SerializeToString(deterministic=True)
+
+
+def test_direct_serialization_covers_int64_and_rejects_beyond():
+  base = {"id": "1", "text": "t", "is_retweet": 0}
+  for x in (-(1 << 63), -129, -1, 0, 1, 300, (1 << 63) - 1):
+    record = {**base, "toxicity": x, "spam": x, "misinformation": "7" if x else 0.0}
+    assert writer.serialize(record) == _protobuf_serialize(record), x
+  with pytest.raises(ValueError, match="'spam'.*int64"):
+    writer.serialize({**base, "toxicity": 0, "spam": 1 << 63, "misinformation": 0})

@@ -18,7 +18,6 @@ from etils import epath
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import dataset_info, example_serializer, file_adapters, hashing, naming
 from tensorflow_datasets.core import shuffle, splits as splits_lib
-from tensorflow_datasets.proto import tf_example_pb2
 
 NAME = "tweetjax_tweets"
 VERSION = "1.0.0"
@@ -58,21 +57,70 @@ def tfds_serialize(record: dict[str, Any]) -> bytes:
   return serializer.get_tf_example(feats.encode_example(ex)).SerializeToString(deterministic=True)
 
 
-def serialize(record: dict[str, Any]) -> bytes:
-  """The tf.train.Example of a record, built directly (TFDS's generic encoder costs ~0.3 ms a record).
+# serialize writes the tf.train.Example wire format itself: filling a protobuf message field by field costs ~23 us a
+# record in Python, ~40 s of a 2M-tweet build; this costs ~6 us. Example{features: 1} > Features{feature: 1, a map,
+# its entries in key order as deterministic serialization writes them} > entry{key: 1, value: 2} > Feature
+# {bytes_list: 1 | int64_list: 3} > {value: 1} (Int64List packed).
+_INT64 = 1 << 63
+_HEADS = 128  # text values shorter than this (in UTF-8 bytes) take a precomputed head
 
-  Serialized deterministically (map fields in key order), so every process writes the same bytes.
-  """
-  example = tf_example_pb2.Example()
-  feature = example.features.feature
-  for key, is_text in _fields():
+
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while n > 0x7F:
+    out.append((n & 0x7F) | 0x80)
+    n >>= 7
+  out.append(n)
+  return bytes(out)
+
+
+_LENGTHS = tuple(_varint(n) for n in range(1 << 14))
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+  """A length-delimited field: tag, varint length, payload."""
+  n = len(payload)
+  return tag + (_LENGTHS[n] if n < len(_LENGTHS) else _varint(n)) + payload
+
+
+def _text_entry(key_field: bytes, value: bytes) -> bytes:
+  return _field(b"\x0a", key_field + _field(b"\x12", _field(b"\x0a", _field(b"\x0a", value))))
+
+
+def _int_entry(key: str, key_field: bytes, value: int) -> bytes:
+  if not -_INT64 <= value < _INT64:
+    raise ValueError(f"feature {key!r}: {value} is out of the int64 range")
+  return _field(b"\x0a", key_field + _field(b"\x12", _field(b"\x1a", _field(b"\x0a", _varint(value % (1 << 64))))))
+
+
+@functools.cache
+def _layout() -> tuple[tuple[str, bool, bytes, Any], ...]:
+  """Per feature in key order: (key, is_text, its key field, heads by value length | entries of small ints)."""
+  layout = []
+  for key, is_text in sorted(_fields(), key=lambda f: f[0].encode("utf-8")):
+    key_field = _field(b"\x0a", key.encode("utf-8"))
     if is_text:
-      feature[key].bytes_list.value.append(record.get(key, "").encode("utf-8"))
-    elif key == "num_tweets":
-      feature[key].int64_list.value.append(int(record.get(key, 1)))
+      # the entry of an n-byte value is a head that depends only on n, then the value
+      table = tuple(_text_entry(key_field, bytes(n))[:-n or None] for n in range(_HEADS))
     else:
-      feature[key].int64_list.value.append(int(record[key]))
-  return example.SerializeToString(deterministic=True)
+      table = {x: _int_entry(key, key_field, x) for x in range(-1, 128)}
+    layout.append((key, is_text, key_field, table))
+  return tuple(layout)
+
+
+def serialize(record: dict[str, Any]) -> bytes:
+  """The tf.train.Example of a record, byte for byte what protobuf's deterministic serialization and TFDS's encoder
+  (`tfds_serialize`, the reference of the tests) write, so every process and engine writes the same bytes."""
+  parts = []
+  for key, is_text, key_field, table in _layout():
+    if is_text:
+      value = record.get(key, "").encode("utf-8")
+      parts.append(table[len(value)] + value if len(value) < _HEADS else _text_entry(key_field, value))
+    else:
+      x = record.get(key, 1) if key == "num_tweets" else record[key]
+      entry = table.get(x)  # a hit means x == a small int, so int(x) is that int
+      parts.append(_int_entry(key, key_field, int(x)) if entry is None else entry)
+  return _field(b"\x0a", b"".join(parts))
 
 
 @functools.cache
