@@ -25,6 +25,7 @@ import ctypes
 import functools
 import pickle
 import struct
+import threading
 import time
 import uuid
 from typing import Any, Callable, Iterable, Sequence
@@ -42,6 +43,7 @@ RUN_BYTES = 8 << 20  # packed bytes a producer bundle buffers before it writes a
 PACK_BYTES = 1 << 20  # (estimated) bytes of one partition's items packed into one blob
 BUFFER_BYTES = 16 << 20  # (estimated) bytes of unpacked items a producer holds before it packs all of them
 OBJECT_BYTES = 1024  # estimated size of one Python object item (a record dict) in memory
+SMALL_OBJECT_BYTES = 64  # an int, or a str/bytes item besides its characters (header, pointer, allocator)
 DIRECTORY = ".beam-shuffle"  # inside the build's temporary directory
 _FRAME = struct.Struct("<Q")
 
@@ -120,24 +122,54 @@ def objects(seq: Sequence) -> np.ndarray:
   return np.fromiter(seq, dtype=object, count=len(seq))
 
 
+def _object_bytes(column) -> int:
+  """Estimated bytes of a column of Python objects: str/bytes by their length, ints at SMALL_OBJECT_BYTES, anything
+  else (records) at OBJECT_BYTES each."""
+  if not len(column):
+    return 0
+  if isinstance(column[0], (str, bytes)):
+    try:
+      return sum(map(len, column)) + SMALL_OBJECT_BYTES * len(column)
+    except TypeError:  # a mixed column
+      pass
+  elif isinstance(column[0], int):
+    return SMALL_OBJECT_BYTES * len(column)
+  return OBJECT_BYTES * len(column)
+
+
 def _weight(chunk) -> int:
   """Estimated bytes in memory: an object column's nbytes counts only its pointers, not the objects."""
   if not is_columns(chunk):
-    return OBJECT_BYTES * len(chunk)
-  return sum(OBJECT_BYTES * len(c) if c.dtype == object else c.nbytes for c in chunk)
+    return _object_bytes(chunk)
+  return sum(_object_bytes(c) if c.dtype == object else c.nbytes for c in chunk)
 
 
 # ---- blobs
 
 
+_codecs = threading.local()  # zstd contexts, made once per thread (a context is not thread-safe)
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+  if not hasattr(_codecs, "compressor"):
+    _codecs.compressor = zstandard.ZstdCompressor(level=1)
+  return _codecs.compressor
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+  if not hasattr(_codecs, "decompressor"):
+    _codecs.decompressor = zstandard.ZstdDecompressor()
+  return _codecs.decompressor
+
+
 def pack(obj: Any, compress: bool) -> bytes:
   data = pickle.dumps(obj, protocol=5)
-  return b"z" + zstandard.ZstdCompressor(level=1).compress(data) if compress else b"p" + data
+  return b"z" + _compressor().compress(data) if compress else b"p" + data
 
 
 def unpack(blob: bytes) -> Any:
   kind, data = blob[:1], memoryview(blob)[1:]
-  return pickle.loads(zstandard.ZstdDecompressor().decompress(data) if kind == b"z" else data)
+  return pickle.loads(_decompressor().decompress(data) if kind == b"z" else data)
 
 
 def _read_span(path: str, offset: int, length: int) -> bytes:
