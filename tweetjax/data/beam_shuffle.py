@@ -38,10 +38,11 @@ import zstandard
 
 # A producer's buffers are bounded in total, not per partition: the partition count grows with the input, so a
 # per-partition allowance would let a worker's memory grow with it (64 MiB / 32 MiB let the workers' peak RSS grow
-# by a third from 200k to 2M tweets, tools/bench_data.py).
+# by a third from 200k to 2M tweets, tools/bench_data.py). Small unpacked buffers also pack faster: with 16 MiB of
+# records buffered (estimated by length) the records' scatter took 11.4 CPU-s at 2M tweets, with ~3 MiB 9.3.
 RUN_BYTES = 8 << 20  # packed bytes a producer bundle buffers before it writes a run file
-PACK_BYTES = 1 << 20  # (estimated) bytes of one partition's items packed into one blob
-BUFFER_BYTES = 16 << 20  # (estimated) bytes of unpacked items a producer holds before it packs all of them
+PACK_BYTES = 256 << 10  # (estimated) bytes of one partition's items packed into one blob
+BUFFER_BYTES = 4 << 20  # (estimated) bytes of unpacked items a producer holds before it packs all of them
 OBJECT_BYTES = 1024  # estimated size of one Python object item (a record dict) in memory
 SMALL_OBJECT_BYTES = 64  # an int, or a str/bytes item besides its characters (header, pointer, allocator)
 DIRECTORY = ".beam-shuffle"  # inside the build's temporary directory
