@@ -117,6 +117,17 @@ def test_ranges_read_exactly_what_whole_files_read(raw):
       assert len(plan) > 3
 
 
+def test_only_multi_line_json_files_are_split_as_jsonl(tmp_path):
+  files = {"lines.jsonl": b'{"id": "1"}\n\n{"id": "2"}\n', "page.json": b'{"data": [{"id": "1"}]}\n',
+           "pretty.json": b'{\n  "data": []\n}\n', "array.json": b'[{"id": "1"},\n {"id": "2"}]\n',
+           "empty.json": b"\n\n"}
+  for name, data in files.items():
+    (tmp_path / name).write_bytes(data)
+  assert {n: ranges.kind_of(tmp_path / n) for n in files} == {
+      "lines.jsonl": "jsonl", "page.json": "whole", "pretty.json": "whole", "array.json": "whole",
+      "empty.json": "whole"}
+
+
 def test_pointer_jumping_equals_the_chain_walk():
   # chains deeper than MAX_REPLY_DEPTH, a cycle, parents with and without conversation ids, missing parents
   depth = threads.MAX_REPLY_DEPTH + 5

@@ -123,26 +123,30 @@ def objects(seq: Sequence) -> np.ndarray:
   return np.fromiter(seq, dtype=object, count=len(seq))
 
 
-def _object_bytes(column) -> int:
-  """Estimated bytes of a column of Python objects: str/bytes by their length, ints at SMALL_OBJECT_BYTES, anything
-  else (records) at OBJECT_BYTES each."""
-  if not len(column):
-    return 0
-  if isinstance(column[0], (str, bytes)):
+def _object_row_bytes(column) -> np.ndarray:
+  """Estimated bytes of each item of a column of Python objects: str/bytes by their length, ints at
+  SMALL_OBJECT_BYTES, anything else (records) at OBJECT_BYTES."""
+  n = len(column)
+  if n and isinstance(column[0], (str, bytes)):
     try:
-      return sum(map(len, column)) + SMALL_OBJECT_BYTES * len(column)
+      return np.fromiter(map(len, column), np.int64, n) + SMALL_OBJECT_BYTES
     except TypeError:  # a mixed column
       pass
-  elif isinstance(column[0], int):
-    return SMALL_OBJECT_BYTES * len(column)
-  return OBJECT_BYTES * len(column)
+  return np.full(n, SMALL_OBJECT_BYTES if n and isinstance(column[0], int) else OBJECT_BYTES, np.int64)
+
+
+def _row_bytes(chunk) -> np.ndarray:
+  """Estimated bytes in memory of each row: an object column's nbytes counts only its pointers, not the objects."""
+  if not is_columns(chunk):
+    return _object_row_bytes(chunk)
+  total = np.zeros(size(chunk), np.int64)
+  for c in chunk:
+    total += _object_row_bytes(c) if c.dtype == object else c.nbytes // max(1, len(c))
+  return total
 
 
 def _weight(chunk) -> int:
-  """Estimated bytes in memory: an object column's nbytes counts only its pointers, not the objects."""
-  if not is_columns(chunk):
-    return _object_bytes(chunk)
-  return sum(_object_bytes(c) if c.dtype == object else c.nbytes for c in chunk)
+  return int(_row_bytes(chunk).sum())
 
 
 # ---- blobs
@@ -265,13 +269,14 @@ class Scatter(beam.DoFn):
     part_N = (keys_N % np.uint64(self._partitions)).astype(np.min_scalar_type(self._partitions))
     order_N = np.argsort(part_N, kind="stable")  # a radix sort for small integer types
     counts_P = np.bincount(part_N, minlength=self._partitions)
+    weights_P = np.bincount(part_N, weights=_row_bytes(chunk), minlength=self._partitions)  # once a chunk
     ends_P = np.cumsum(counts_P)
     by_part = take(chunk, order_N)  # one gather per column, then copies of contiguous slices
     for p in np.flatnonzero(counts_P).tolist():
       start, end = int(ends_P[p] - counts_P[p]), int(ends_P[p])
       # copies: a view would keep the whole chunk alive while the weight counts only the piece
       piece = tuple(c[start:end].copy() for c in by_part) if is_columns(by_part) else by_part[start:end]
-      weight = _weight(piece)
+      weight = int(weights_P[p])
       self._items[p].append(piece)
       self._item_bytes[p] += weight
       self._buffered += weight
