@@ -64,17 +64,21 @@ def test_partitions_read_what_was_emitted_and_never_orphans(tmp_path, monkeypatc
   assert list(tmp_path.iterdir()) == []
 
 
+def _weight(chunk) -> int:
+  return int(beam_shuffle._row_bytes(chunk).sum())
+
+
 def test_buffers_count_the_objects_of_object_columns():
   keys = np.arange(1000, dtype=np.uint64)
   records = beam_shuffle.objects([{"id": str(i), "text": "x" * 300} for i in range(1000)])
-  assert beam_shuffle._weight((keys, records)) == keys.nbytes + 1000 * beam_shuffle.OBJECT_BYTES  # not 8 B a pointer
+  assert _weight((keys, records)) == keys.nbytes + 1000 * beam_shuffle.OBJECT_BYTES  # not 8 B a pointer
   texts = beam_shuffle.objects(["é" * (i % 50) for i in range(1000)])  # characters, not UTF-8 bytes: a lower bound
   hkeys = beam_shuffle.objects([2**127 + i for i in range(1000)])
   small = beam_shuffle.SMALL_OBJECT_BYTES
-  assert beam_shuffle._weight((keys, texts, hkeys)) == (keys.nbytes + sum(i % 50 for i in range(1000))
+  assert _weight((keys, texts, hkeys)) == (keys.nbytes + sum(i % 50 for i in range(1000))
                                                         + 2000 * small)
-  assert beam_shuffle._weight([b"ab", b"cde"]) == 5 + 2 * small
-  assert beam_shuffle._weight(["ab", None]) == 2 * beam_shuffle.OBJECT_BYTES  # mixed: the record estimate
+  assert _weight([b"ab", b"cde"]) == 5 + 2 * small
+  assert _weight(["ab", None]) == 2 * beam_shuffle.OBJECT_BYTES  # mixed: the record estimate
 
 
 def test_stores_read_back_by_name(tmp_path):

@@ -145,10 +145,6 @@ def _row_bytes(chunk) -> np.ndarray:
   return total
 
 
-def _weight(chunk) -> int:
-  return int(_row_bytes(chunk).sum())
-
-
 # ---- blobs
 
 

@@ -119,17 +119,17 @@ class MinHasher:
     shift to the high 32 bits comes after the min: (h >> 32) is monotone in h, so it is the same min."""
     num_perm = len(self.a_P)
     out = []
-    for i in range(0, len(texts), chunk):
-      x_S, starts_N = shingle_hashes(texts[i:i + chunk], self.shingle)
-      min_PxN = np.empty((num_perm, len(starts_N)), np.uint64)
-      h_BxS = np.empty((block, len(x_S)), np.uint64)
-      for p in range(0, num_perm, block):
-        h = h_BxS[:min(block, num_perm - p)]
-        with np.errstate(over="ignore"):
-          np.multiply(self.a_P[p:p + block, None], x_S[None, :], out=h)  # wraps mod 2**64 by design
+    with np.errstate(over="ignore"):  # the products wrap mod 2**64 by design
+      for i in range(0, len(texts), chunk):
+        x_S, starts_N = shingle_hashes(texts[i:i + chunk], self.shingle)
+        min_PxN = np.empty((num_perm, len(starts_N)), np.uint64)
+        h_BxS = np.empty((block, len(x_S)), np.uint64)
+        for p in range(0, num_perm, block):
+          h = h_BxS[:min(block, num_perm - p)]
+          np.multiply(self.a_P[p:p + block, None], x_S[None, :], out=h)
           h += self.b_P[p:p + block, None]
-        np.minimum.reduceat(h, starts_N, axis=1, out=min_PxN[p:p + len(h)])
-      out.append((min_PxN >> np.uint64(32)).T.astype(np.uint32))
+          np.minimum.reduceat(h, starts_N, axis=1, out=min_PxN[p:p + len(h)])
+        out.append((min_PxN >> np.uint64(32)).T.astype(np.uint32))
     return np.concatenate(out) if out else np.zeros((0, len(self.a_P)), np.uint32)
 
 
