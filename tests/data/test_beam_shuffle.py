@@ -35,10 +35,15 @@ def test_partitions_read_what_was_emitted_and_never_orphans(tmp_path, monkeypatc
   emitted = _bundle(beam_shuffle.Scatter("r", round_dir, parts, None, compress=False), chunks)
   # a failed attempt of the same bundle with other data: its files are written but its references are lost
   _bundle(beam_shuffle.Scatter("r", round_dir, parts, None, compress=False), [_items(700, 1)])
-  # a list channel (records), compressed, keyed by a function
+  # a list channel (records), keyed by a function, compressed as it would be on a remote file system
   records = [{"id": str(i), "text": f"tweet {i}"} for i in range(900)]
-  emitted_records = _bundle(beam_shuffle.Scatter("r", round_dir, parts, lambda r: int(r["id"]) * 7, compress=True),
-                            [records[:450], records[450:]])
+  with monkeypatch.context() as remote:
+    remote.setattr(beam_shuffle, "is_remote", lambda path: True)
+    emitted_records = _bundle(beam_shuffle.Scatter("r", round_dir, parts, lambda r: int(r["id"]) * 7,
+                                                   compress=True), [records[:450], records[450:]])
+  blob_kinds = lambda emitted: {blob[:1] for _, ref in emitted for blob in beam_shuffle._frames(
+      beam_shuffle._read_span(*ref))}
+  assert blob_kinds(emitted_records) == {b"z"} and blob_kinds(emitted) == {b"p"}
   runs = {str(p) for p in tmp_path.glob("**/*.run")}
   referenced = {ref[0] for _, ref in emitted + emitted_records}
   assert len({ref[0] for _, ref in emitted}) > 1 and referenced < runs  # several runs; the failed one's are orphans
@@ -81,12 +86,22 @@ def test_buffers_count_the_objects_of_object_columns():
   assert _weight(["ab", None]) == 2 * beam_shuffle.OBJECT_BYTES  # mixed: the record estimate
 
 
-def test_stores_read_back_by_name(tmp_path):
+@pytest.mark.parametrize("remote", [False, True])
+def test_stores_read_back_by_name(tmp_path, monkeypatch, remote):
+  monkeypatch.setattr(beam_shuffle, "is_remote", lambda path: remote)
   sigs = np.arange(12, dtype=np.uint32).reshape(3, 4)
   ref = beam_shuffle.write_store(str(tmp_path), "000001", {"hkeys": [2**127, 5, 2**64], "sigs": sigs},
                                  compress=("hkeys",))
   hkeys, got = beam_shuffle.read_store(ref, "hkeys", "sigs")
   assert hkeys == [2**127, 5, 2**64] and np.array_equal(got, sigs)
+  path, index = ref
+  kinds = {name: beam_shuffle._read_span(path, offset, 1) for name, (offset, _) in index.items()}
+  assert kinds == {"hkeys": b"z" if remote else b"p", "sigs": b"p"}  # zstd only where bytes cross a network
+
+
+def test_only_remote_paths_are_remote():
+  assert beam_shuffle.is_remote("gs://bucket/build") and beam_shuffle.is_remote("s3://b/x")
+  assert not beam_shuffle.is_remote("/tmp/build") and not beam_shuffle.is_remote("relative/dir")
 
 
 def test_buckets_cover_every_shard():
