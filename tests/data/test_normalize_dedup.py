@@ -121,6 +121,34 @@ def test_bucket_rule_is_order_and_partition_independent():
   assert dedup.rank_bytes(ranks_M).argsort(kind="stable").tolist() == sorted(range(600), key=ranks_M.__getitem__)
 
 
+def _bucket_pairs_by_lexsort(buckets_M, ranks_M):
+  """The rule as one sort by (bucket, rank): the representative is each bucket's first entry."""
+  order_M = np.lexsort((ranks_M, buckets_M))
+  b_M, r_M = buckets_M[order_M], ranks_M[order_M]
+  starts_M = np.ones(len(b_M), bool)
+  starts_M[1:] = b_M[1:] != b_M[:-1]
+  rep_M = np.maximum.accumulate(np.where(starts_M, np.arange(len(b_M)), 0))
+  members = np.flatnonzero(~starts_M & (r_M != r_M[rep_M]))
+  return set(zip(order_M[members].tolist(), order_M[rep_M[members]].tolist()))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bucket_pairs_match_a_full_sort_where_rank_prefixes_tie(seed):
+  rng = np.random.default_rng(seed)
+  m = 5000
+  buckets_M = rng.integers(0, 300, m).astype(np.uint64)
+  # few times and ids sharing long prefixes: most 8-byte prefixes tie; repeated ranks tie in full
+  ranks = [dedup.rank({"id": f"17{i:013d}"[:int(rng.integers(3, 16))], "created_at":
+                       "" if i % 11 == 0 else f"2023-03-01T00:00:0{i % 3}Z"}) for i in rng.integers(0, 2000, m)]
+  ranks_M = dedup.rank_bytes(ranks)
+  member, rep = dedup.bucket_pair_indices(buckets_M, ranks_M)
+  assert set(zip(member.tolist(), rep.tolist())) == _bucket_pairs_by_lexsort(buckets_M, ranks_M)
+  assert len(member) == len(set(member.tolist())) > 1000  # each member once, and many pairs
+  # a full tie with the representative is no pair; the earliest of equal smallest ranks represents the bucket
+  assert not (ranks_M[member] == ranks_M[rep]).any()
+  assert dedup.bucket_pair_indices(buckets_M[:1], ranks_M[:1])[0].size == 0
+
+
 @pytest.mark.parametrize("num_perm,bands", [(64, 16), (48, 12)])  # 48: a sketch word only partly used
 def test_sketch_test_never_rules_out_a_similar_pair(num_perm, bands):
   rng = np.random.default_rng(num_perm)
