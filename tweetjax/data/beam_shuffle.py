@@ -279,8 +279,9 @@ class Scatter(beam.DoFn):
     by_part = take(chunk, order_N)  # one gather per column, then copies of contiguous slices
     for p in np.flatnonzero(counts_P).tolist():
       start, end = int(ends_P[p] - counts_P[p]), int(ends_P[p])
-      # copies: a view would keep the whole chunk alive while the weight counts only the piece
-      piece = tuple(c[start:end].copy() for c in by_part) if is_columns(by_part) else by_part[start:end]
+      # views, not copies (the pack concatenates them anyway): a view keeps its whole chunk alive, but every chunk
+      # adds its full weight to `_buffered`, so `_pack_all` frees them all within BUFFER_BYTES plus one chunk
+      piece = tuple(c[start:end] for c in by_part) if is_columns(by_part) else by_part[start:end]
       weight = int(weights_P[p])
       self._items[p].append(piece)
       self._item_bytes[p] += weight
