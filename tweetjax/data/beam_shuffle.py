@@ -276,7 +276,7 @@ class Scatter(beam.DoFn):
     counts_P = np.bincount(part_N, minlength=self._partitions)
     weights_P = np.bincount(part_N, weights=_row_bytes(chunk), minlength=self._partitions)  # once a chunk
     ends_P = np.cumsum(counts_P)
-    by_part = take(chunk, order_N)  # one gather per column, then copies of contiguous slices
+    by_part = take(chunk, order_N)  # one gather per column, then views of contiguous slices
     for p in np.flatnonzero(counts_P).tolist():
       start, end = int(ends_P[p] - counts_P[p]), int(ends_P[p])
       # views, not copies (the pack concatenates them anyway): a view keeps its whole chunk alive, but every chunk
