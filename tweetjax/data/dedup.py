@@ -230,35 +230,31 @@ def bucket_pair_indices(buckets_M: np.ndarray, ranks_M: np.ndarray) -> tuple[np.
   engine's band rounds); here only the bucket is sorted, the smallest rank is found from a uint64 prefix of it, and
   full ranks are compared only where prefixes tie.
   """
-  if len(buckets_M) == 0:
-    return np.zeros(0, np.int64), np.zeros(0, np.int64)
   order_M = np.argsort(buckets_M)  # unstable is fine: ties are broken by entry index below
   b_M = buckets_M[order_M]
   starts_M = np.ones(len(b_M), bool)
   starts_M[1:] = b_M[1:] != b_M[:-1]
   group_M = np.cumsum(starts_M) - 1
-  sizes_G = np.bincount(group_M)
-  multi_M = sizes_G[group_M] > 1
-  order_M, group_M = order_M[multi_M], group_M[multi_M]  # singleton buckets have no pairs
+  multi_M = np.bincount(group_M)[group_M] > 1
+  order_M, starts_M = order_M[multi_M], starts_M[multi_M]  # singleton buckets have no pairs; groups stay whole
   if len(order_M) == 0:
     return np.zeros(0, np.int64), np.zeros(0, np.int64)
   prefix_M = _rank_prefixes(ranks_M[order_M])
-  starts_M = np.ones(len(group_M), bool)
-  starts_M[1:] = group_M[1:] != group_M[:-1]
   first_G = np.flatnonzero(starts_M)
-  low_G = np.minimum.reduceat(prefix_M, first_G)
-  slot_M = np.cumsum(starts_M) - 1  # the entry's group among those kept
-  candidate_M = prefix_M == low_G[slot_M]  # entries whose rank may be the smallest of their bucket
-  rep_G = order_M[first_G].copy()  # an entry of the bucket, replaced below by its smallest one
+  slot_M = np.cumsum(starts_M) - 1  # the entry's bucket among those kept
+  candidate_M = prefix_M == np.minimum.reduceat(prefix_M, first_G)[slot_M]  # may hold the bucket's smallest rank
   cand = np.flatnonzero(candidate_M)
+  cand_entry, cand_slot = order_M[cand], slot_M[cand]
+  cand_rank = ranks_M[cand_entry]
   # a bucket's candidates by full rank, then entry index: the earliest of equal smallest ranks represents it
-  by_rank = cand[np.lexsort((order_M[cand], ranks_M[order_M[cand]], slot_M[cand]))]
+  by_rank = np.lexsort((cand_entry, cand_rank, cand_slot))
   firsts = np.ones(len(by_rank), bool)
-  firsts[1:] = slot_M[by_rank[1:]] != slot_M[by_rank[:-1]]
-  rep_G[slot_M[by_rank[firsts]]] = order_M[by_rank[firsts]]
+  firsts[1:] = cand_slot[by_rank[1:]] != cand_slot[by_rank[:-1]]
+  rep_G = np.empty(len(first_G), np.int64)
+  rep_G[cand_slot[by_rank[firsts]]] = cand_entry[by_rank[firsts]]  # every bucket has a candidate: its low prefix
   rep_M = rep_G[slot_M]
   member_M = ~candidate_M
-  member_M[cand] = ranks_M[order_M[cand]] != ranks_M[rep_M[cand]]
+  member_M[cand] = cand_rank != ranks_M[rep_M[cand]]
   return order_M[member_M], rep_M[member_M]
 
 
