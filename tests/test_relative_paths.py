@@ -38,6 +38,11 @@ def test_resolve_config_paths_by_key_name(tmp_path, monkeypatch):
   assert paths.absolute_config_arg("experiments/hf.py:runs/x") == str(tmp_path / "experiments/hf.py") + ":runs/x"
 
 
+def test_only_urls_are_remote():
+  assert paths.is_url("gs://bucket/build") and paths.is_url("s3://b/x")
+  assert not paths.is_url("/tmp/build") and not paths.is_url("relative/dir")
+
+
 def test_every_path_key_of_the_base_config_is_found():
   from tweetjax.config import base_config
 

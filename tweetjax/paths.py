@@ -24,9 +24,14 @@ EXTRA_PATH_KEYS = frozenset({"init_from"})
 SPECIAL_VALUES = frozenset({"none"})  # compared lower-cased
 
 
+def is_url(path: str) -> bool:
+  """Whether `path` names a remote file system location (gs://, s3://, ...) rather than a local path."""
+  return "://" in path
+
+
 def absolute(path: str | None) -> str | None:
   """`path` relative to the current directory made absolute (`~` expanded); '', None and URLs unchanged."""
-  if not path or "://" in path:
+  if not path or is_url(path):
     return path
   return os.path.abspath(os.path.expanduser(path))
 

@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("apache_beam")
 
+from tweetjax import paths  # noqa: E402
 from tweetjax.data import beam_rounds, beam_shuffle, writer  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def test_partitions_read_what_was_emitted_and_never_orphans(tmp_path, monkeypatc
   # a list channel (records), keyed by a function, compressed as it would be on a remote file system
   records = [{"id": str(i), "text": f"tweet {i}"} for i in range(900)]
   with monkeypatch.context() as remote:
-    remote.setattr(beam_shuffle, "is_remote", lambda path: True)
+    remote.setattr(paths, "is_url", lambda path: True)
     emitted_records = _bundle(beam_shuffle.Scatter("r", round_dir, parts, lambda r: int(r["id"]) * 7,
                                                    compress=True), [records[:450], records[450:]])
   blob_kinds = lambda emitted: {blob[:1] for _, ref in emitted for blob in beam_shuffle._frames(
@@ -88,7 +89,7 @@ def test_buffers_count_the_objects_of_object_columns():
 
 @pytest.mark.parametrize("remote", [False, True])
 def test_stores_read_back_by_name(tmp_path, monkeypatch, remote):
-  monkeypatch.setattr(beam_shuffle, "is_remote", lambda path: remote)
+  monkeypatch.setattr(paths, "is_url", lambda path: remote)
   sigs = np.arange(12, dtype=np.uint32).reshape(3, 4)
   ref = beam_shuffle.write_store(str(tmp_path), "000001", {"hkeys": [2**127, 5, 2**64], "sigs": sigs},
                                  compress=("hkeys",))
@@ -97,11 +98,6 @@ def test_stores_read_back_by_name(tmp_path, monkeypatch, remote):
   path, index = ref
   kinds = {name: beam_shuffle._read_span(path, offset, 1) for name, (offset, _) in index.items()}
   assert kinds == {"hkeys": b"z" if remote else b"p", "sigs": b"p"}  # zstd only where bytes cross a network
-
-
-def test_only_remote_paths_are_remote():
-  assert beam_shuffle.is_remote("gs://bucket/build") and beam_shuffle.is_remote("s3://b/x")
-  assert not beam_shuffle.is_remote("/tmp/build") and not beam_shuffle.is_remote("relative/dir")
 
 
 def test_buckets_cover_every_shard():
