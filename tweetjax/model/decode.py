@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from tweetjax.model import quantize
-from tweetjax.model.attention import CACHE_AXES
+from tweetjax.model.attention import CACHE_KEY_AXES, CACHE_VALUE_AXES
 from tweetjax.model.matmul import bf16_on_cpu
 from tweetjax.model.transformer import unstack_layers
 from tweetjax.parallel.rules import (Rules, axis_size, batch_sharding, host_to_global, mesh_axes_of, mesh_context,
@@ -138,7 +138,7 @@ def cache_spec(params: Any, batch: int, length: int, dtype) -> Any:
       query = tree["query"]  # [(N,) D, H, Dh]
       lead = tuple(query.shape[:-3])
       K, Dh = tree["key"].shape[-2:]
-      return {"key": jax.ShapeDtypeStruct(lead + (batch, K, length, Dh), dtype),
+      return {"key": jax.ShapeDtypeStruct(lead + (batch, K, Dh, length), dtype),
               "value": jax.ShapeDtypeStruct(lead + (batch, K, length, Dh), dtype),
               "segment_ids": jax.ShapeDtypeStruct(lead + (batch, length), jnp.int32),
               "index": jax.ShapeDtypeStruct(lead, jnp.int32)}
@@ -157,7 +157,7 @@ def cache_logical_axes(spec: Any) -> Any:
   """Logical axis names of each cache leaf (leading layer axis, when present, is unsharded)."""
   def axes(path, leaf):
     name = path[-1].key
-    base = {"key": CACHE_AXES, "value": CACHE_AXES, "segment_ids": ("act_batch", None), "index": ()}[name]
+    base = {"key": CACHE_KEY_AXES, "value": CACHE_VALUE_AXES, "segment_ids": ("act_batch", None), "index": ()}[name]
     return P(*((None,) * (leaf.ndim - len(base)) + tuple(base)))
   return jax.tree_util.tree_map_with_path(axes, spec)
 
