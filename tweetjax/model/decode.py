@@ -135,9 +135,10 @@ def cache_spec(params: Any, batch: int, length: int, dtype) -> Any:
   """ShapeDtypeStruct tree of the "cache" collection, mirroring every attention module found in `params`."""
   def walk(tree):
     if isinstance(tree, dict) and {"query", "key", "value", "out"} <= set(tree):
-      query = tree["query"]  # [(N,) D, H, Dh]
-      lead = tuple(query.shape[:-3])
-      K, Dh = tree["key"].shape[-2:]
+      lead = tuple(tree["out"].shape[:-3])  # [(N,) H, Dh, D]
+      key = tree["key"]  # [(N,) D, K, Dh], or its place in the fused int8 q/k/v kernel
+      K, Dh = (tree["query"].fused_outs[key.index] if isinstance(key, quantize.Int8FusedMember)
+               else key.shape[-2:])
       return {"key": jax.ShapeDtypeStruct(lead + (batch, K, Dh, length), dtype),
               "value": jax.ShapeDtypeStruct(lead + (batch, K, length, Dh), dtype),
               "segment_ids": jax.ShapeDtypeStruct(lead + (batch, length), jnp.int32),

@@ -27,6 +27,10 @@ def kernel_init(in_axis, out_axis):
 
 
 def logical_param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: Axes, cfg: ModelConfig):
+  if module.has_variable("params", name):
+    value = module.get_variable("params", name)
+    if isinstance(value, (quantize.Int8Kernel, quantize.Int8FusedMember)):
+      return value  # int8 sampling weights (quantize.prepare_weights): shapes of their own, e.g. fused q/k/v
   return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), shape, cfg.weight_dtype)
 
 
@@ -62,6 +66,10 @@ class Embed(nn.Module):
       table = self.embedding_VxD
       x_BxLxD = (jnp.take(table.q_VxD, ids_BxL, axis=0).astype(jnp.float32)
                  * jnp.take(table.scale_V, ids_BxL, axis=0)[..., None]).astype(self.cfg.compute_dtype)
+      return constrain(x_BxLxD, ("act_batch", "act_length", "act_embed"))
+    if isinstance(self.embedding_VxD, quantize.BitsTable):  # bf16 sampling weights, untied: a uint16 gather
+      table = quantize.BitsTable(constrain(self.embedding_VxD.bits_VxD, ("vocab", None)))
+      x_BxLxD = table.take(ids_BxL).astype(self.cfg.compute_dtype)
       return constrain(x_BxLxD, ("act_batch", "act_length", "act_embed"))
     table_VxD = constrain(self.embedding_VxD.astype(self.cfg.compute_dtype), ("vocab", None))
     x_BxLxD = jnp.take(table_VxD, ids_BxL, axis=0)

@@ -99,9 +99,9 @@ def matmul(x_NxK: jax.Array, w_KxM, impl: str, dtype) -> jax.Array:
 
 
 def contract_each(x: jax.Array, ws, num_contracted: int, impl: str, dtype) -> list[jax.Array]:
-  """[contract(x, w, ...) for w in ws]; int8 sampling kernels of one input share a single dot
-  (quantize.int8_contract_fused)."""
-  if all(isinstance(w, quantize.Int8Kernel) for w in ws):
+  """[contract(x, w, ...) for w in ws]; int8 sampling kernels that quantize.prepare_weights fused (the first
+  holds them all) run as a single dot (quantize.int8_contract_fused)."""
+  if isinstance(ws[0], quantize.Int8Kernel) and ws[0].fused_outs:
     return quantize.int8_contract_fused(x, ws, dtype)
   return [contract(x, w, num_contracted, impl, dtype) for w in ws]
 

@@ -6,9 +6,11 @@ Decoding reads every weight once per generated token, so its speed is the weight
 --sections=decode). `prepare_weights` converts a params tree once, before generation:
 
   model     the params as they are (the model's compute dtype);
-  bfloat16  every float param in bf16 (computed in bf16);
+  bfloat16  every float param in bf16 (computed in bf16); an untied embedding table as its bf16 bits (BitsTable);
   int8      the dense matmul kernels (attention q/k/v/out, MLP gate/up/down, LM head; tied: the embedding) as int8
-            with one fp32 scale per output feature (symmetric, max-abs); the rest in bf16. The product quantises
+            with one fp32 scale per output feature (symmetric, max-abs); the rest as in bfloat16. The kernels of
+            one input (q/k/v, gate/up) are concatenated into one (`fuse_kernels`): one dot each in the decode loop,
+            and no concatenation per generate call. The product quantises
             its input rows to int8 too (one max-abs scale per row, at run time) and runs an int8 x int8 -> int32
             dot: XLA keeps a weight-only int8 kernel's dequantisation out of the decode loop (loop-invariant code
             motion), so only an int8 dot reads int8 weights on every token. XLA:CPU hands those dots to its AMX-INT8 /
@@ -21,6 +23,7 @@ Which params are kernels, and which of their axes are contracted, is fixed by th
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import flax.linen as nn
 import flax.struct
@@ -41,6 +44,9 @@ class Int8Kernel:
   q: jax.Array
   scale: jax.Array
   num_contracted: int = flax.struct.field(pytree_node=False, default=1)
+  # Set on a kernel that `fuse_kernels` concatenated with the others of its input: each member's output shape,
+  # in order; q and scale then hold all of them along one flat output axis.
+  fused_outs: tuple = flax.struct.field(pytree_node=False, default=())
 
   @property
   def shape(self):
@@ -52,12 +58,34 @@ class Int8Kernel:
 
 
 @flax.struct.dataclass
+class Int8FusedMember:
+  """The place of a kernel that `fuse_kernels` moved into its group's first member: its output `index` there."""
+  index: int = flax.struct.field(pytree_node=False, default=0)
+
+
+@flax.struct.dataclass
 class Int8Table:
   """The (tied) embedding table [V, D] as int8 rows with an fp32 scale per row, plus its transpose [D, V] for the
   LM-head product (row-major, as the int8 dot wants it)."""
   q_VxD: jax.Array
   q_DxV: jax.Array
   scale_V: jax.Array
+
+
+@flax.struct.dataclass
+class BitsTable:
+  """An untied bf16 embedding table [V, D] as its uint16 bit patterns. XLA:CPU gathers from a bf16 array by
+  converting all of it to fp32 first, and hoists that convert out of the decode loop: a 2x-sized copy of the table
+  on every generate call (~10 ms for small.py's 32k x 512). A uint16 gather moves only the rows it takes."""
+  bits_VxD: jax.Array
+
+  @property
+  def shape(self):
+    return self.bits_VxD.shape
+
+  def take(self, ids: jax.Array) -> jax.Array:
+    """The bf16 rows of `ids` ([..., D])."""
+    return jax.lax.bitcast_convert_type(jnp.take(self.bits_VxD, ids, axis=0), jnp.bfloat16)
 
 
 def symmetric_int8(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
@@ -109,19 +137,51 @@ def int8_contract(x: jax.Array, w: Int8Kernel, dtype) -> jax.Array:
 
 
 def int8_contract_fused(x: jax.Array, kernels, dtype) -> list[jax.Array]:
-  """`int8_contract(x, w)` for several kernels of the same input (q/k/v, gate/up): one quantisation of x and one
-  dot over the kernels' concatenated output features, split afterwards. The concatenation is loop-invariant, so
-  XLA builds it once, outside the decode loop; the loop runs fewer, larger dots (each dot is a kernel launch that
-  costs about as much as a small dot's arithmetic at decode sizes)."""
+  """`int8_contract(x, w)` for the kernels of one input (q/k/v, gate/up): one quantisation of x and one dot over
+  the kernels' output features, split afterwards; each dot is a kernel launch that costs about as much as a small
+  dot's arithmetic at decode sizes. The kernels come fused by `prepare_weights` (the first one holds them all):
+  concatenating them here would redo it on every call (~10 ms of small.py's batch-1 prefill)."""
+  fused = kernels[0]
+  if not fused.fused_outs or len(fused.fused_outs) != len(kernels):
+    raise ValueError(f"int8_contract_fused takes the kernels fuse_kernels grouped; got {len(kernels)} with "
+                     f"fused_outs={fused.fused_outs}")
+  y = int8_contract(x, fused, dtype)
+  lead = y.shape[:-1]
+  sizes = [math.prod(o) for o in fused.fused_outs]
+  pieces = jnp.split(y, [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)], axis=-1)
+  return [p.reshape(*lead, *o) for p, o in zip(pieces, fused.fused_outs)]
+
+
+# Kernels of one input, fused into one dot by `prepare_weights` (int8): the module's param names, in the order
+# the module passes them to matmul.contract_each.
+FUSED_GROUPS = (("query", "key", "value"), ("gate", "up"))
+
+
+def fuse_kernels(kernels: list[Int8Kernel], out_ranks: list[int]) -> Int8Kernel:
+  """The kernels (same input, same contracted axes, maybe a leading layers axis) as one Int8Kernel with their
+  output features concatenated; `out_ranks`: each kernel's number of output axes."""
   n = kernels[0].num_contracted
-  lead, K = x.shape[:x.ndim - n], math.prod(x.shape[x.ndim - n:])
-  outs = [w.q.shape[n:] for w in kernels]
-  q_KxM = jnp.concatenate([w.q.reshape(K, -1) for w in kernels], axis=1)
-  scale_M = jnp.concatenate([w.scale.reshape(-1) for w in kernels])
-  y_NxM = int8_matmul(x.reshape(math.prod(lead), K), q_KxM, scale_M, dtype)
-  sizes = [math.prod(o) for o in outs]
-  pieces = jnp.split(y_NxM, [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)], axis=1)
-  return [y.reshape(*lead, *o) for y, o in zip(pieces, outs)]
+  flat_q = [w.q.reshape(w.q.shape[:w.q.ndim - r] + (-1,)) for w, r in zip(kernels, out_ranks)]
+  flat_scale = [w.scale.reshape(w.scale.shape[:w.scale.ndim - r] + (-1,)) for w, r in zip(kernels, out_ranks)]
+  outs = tuple(w.q.shape[w.q.ndim - r:] for w, r in zip(kernels, out_ranks))
+  return Int8Kernel(q=jnp.concatenate(flat_q, axis=-1), scale=jnp.concatenate(flat_scale, axis=-1),
+                    num_contracted=n, fused_outs=outs)
+
+
+def _fuse_groups(tree):
+  """Every module's q/k/v and gate/up int8 kernels fused (FUSED_GROUPS), the later members left as markers."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {k: _fuse_groups(v) for k, v in tree.items()}
+  for group in FUSED_GROUPS:
+    if all(isinstance(out.get(name), Int8Kernel) for name in group):
+      kernels = [out[name] for name in group]
+      module = "attention" if group[0] == "query" else "mlp"
+      out_ranks = [_KERNELS[(module, name)][1] - _KERNELS[(module, name)][0] for name in group]
+      out[group[0]] = fuse_kernels(kernels, out_ranks)
+      for i, name in enumerate(group[1:], 1):
+        out[name] = Int8FusedMember(index=i)
+  return out
 
 
 def prepare_weights(params, weights: str, tied_embeddings: bool):
@@ -140,6 +200,9 @@ def prepare_weights(params, weights: str, tied_embeddings: bool):
         return quantize_kernel(leaf, *kernel)
       if tied_embeddings and names[-2:] == ("embed", "embedding"):
         return quantize_table(leaf)
+    if not tied_embeddings and names[-2:] == ("embed", "embedding"):
+      return BitsTable(jax.lax.bitcast_convert_type(leaf.astype(jnp.bfloat16), jnp.uint16))
     return leaf.astype(jnp.bfloat16) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
 
-  return jax.tree_util.tree_map_with_path(convert, params)
+  params = jax.tree_util.tree_map_with_path(convert, params)
+  return _fuse_groups(params) if weights == "int8" else params
