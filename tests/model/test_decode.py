@@ -1,6 +1,7 @@
 """KV-cache decoding equals running the whole sequence through the model, on one device and on a sharded mesh."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -103,6 +104,14 @@ def test_sample_logits_filters():
   assert set(top_p.tolist()) == {0, 1}
   assert set(draw(SamplingConfig(top_p=0.4)).tolist()) == {0}
   assert len(set(draw(SamplingConfig()).tolist())) >= 3
+  # Greedy in bf16 (the logits' own dtype, no fp32 copy) is jnp.argmax of the fp32 values: the first of tied
+  # maxima (bf16 rounding makes ties), the vocab padding masked.
+  wide = jax.random.normal(jax.random.key(1), (6, 700)).astype(jnp.bfloat16)
+  wide = wide.at[:, 650].set(jnp.bfloat16(9.0)).at[2, 17].set(jnp.bfloat16(5.0)).at[2, 300].set(jnp.bfloat16(5.0))
+  greedy = SamplingConfig(temperature=0.0, vocab_size=640)
+  want = jnp.argmax(jnp.where(jnp.arange(700) < 640, wide.astype(jnp.float32), -jnp.inf), axis=-1)
+  np.testing.assert_array_equal(jax.jit(lambda x: sample_logits(x, rng, greedy))(wide), want)
+  assert int(want[2]) == 17
 
 
 def test_pad_prompts_layout():

@@ -60,8 +60,11 @@ class SamplingConfig:
 
 def sample_logits(logits_BxV: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
   """Next token ids [B] from logits: greedy, or temperature / top-k / top-p filtered categorical sampling."""
-  logits_BxV = logits_BxV.astype(jnp.float32)
-  neg_inf = jnp.finfo(jnp.float32).min
+  if sampling.temperature != 0.0:
+    logits_BxV = logits_BxV.astype(jnp.float32)
+  # Greedy: the argmax in the logits' own dtype (exact: bf16 -> fp32 is exact and keeps the order), without an fp32
+  # copy of the [B, V] logits.
+  neg_inf = jnp.finfo(logits_BxV.dtype).min
   if sampling.vocab_size and sampling.vocab_size < logits_BxV.shape[-1]:
     logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < sampling.vocab_size, logits_BxV, neg_inf)
   if sampling.temperature == 0.0:
