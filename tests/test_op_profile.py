@@ -33,11 +33,22 @@ def test_hlo_ops_finds_matmuls_inside_fusions_and_names_the_model_part():
   assert op_profile.model_part("jit(f)/jit(clip)/mul") == "optimizer, grad norm, NaN guard"
 
 
-def test_concurrent_ops_share_the_wall_time_they_overlap():
+def test_concurrent_ops_share_the_wall_time_they_overlap_and_a_dot_owns_the_gap_after_it():
   ops = op_profile.hlo_ops(_HLO)
   events = [{"name": "ynn_fusion", "ts": 0, "dur": 100}, {"name": "dot.1", "ts": 50, "dur": 100},
-            {"name": "exp_fusion", "ts": 300, "dur": 10}, {"name": "not_in_hlo", "ts": 0, "dur": 1000}]
+            {"name": "exp_fusion", "ts": 300, "dur": 10}, {"name": "exp_fusion", "ts": 400, "dur": 10},
+            {"name": "not_in_hlo", "ts": 0, "dur": 1000}]
   wall = op_profile.wall_attributed(events, ops)
-  assert wall[("matmul", "mlp")] == 50 + 25 and wall[("matmul", "lm head + loss")] == 25 + 50
-  assert wall[("other", "attention blocks")] == 10
-  assert sum(wall.values()) == 160  # the union of the op intervals: [0, 150) and [300, 310)
+  assert wall[("matmul", "mlp")] == 50 + 25
+  # [50, 100) shared with the fusion, [100, 150) alone, then the idle [150, 300) until the next op: the async dot's
+  assert wall[("matmul", "lm head + loss")] == 25 + 50 + 150
+  assert wall[("other", "attention blocks")] == 10 + 10  # the gap [310, 400) follows a fusion: nobody's
+  assert sum(wall.values()) == 320
+
+
+def test_a_gap_after_a_fusion_that_overlapped_a_dot_is_not_the_dots():
+  ops = op_profile.hlo_ops(_HLO)
+  events = [{"name": "dot.1", "ts": 0, "dur": 100}, {"name": "exp_fusion", "ts": 50, "dur": 100},
+            {"name": "exp_fusion", "ts": 200, "dur": 10}]
+  wall = op_profile.wall_attributed(events, ops)
+  assert wall[("matmul", "lm head + loss")] == 50 + 25 and wall[("other", "attention blocks")] == 25 + 50 + 10

@@ -285,7 +285,7 @@ def bench_profile(results: dict) -> None:
         continue
       results.setdefault("profile", []).append({"shape": shape, "dtype": dtype, **r})
       print(f"  {shape} {dtype}: step {r['step_s']:.3f} s, of it {r['in_ops_s']:.3f} s inside ops "
-            f"(the rest: loop/branch control and gaps; load {r['load']})")
+            f"(the rest: loop/branch control and gaps that follow no dot; load {r['load']})")
       for row in r["rows"]:
         share = 100 * row["seconds"] / r["step_s"]
         print(f"    {row['kind']:<7} {row['part']:<32} {row['seconds']:8.3f} s {share:5.1f}%")

@@ -5,6 +5,8 @@ dot or a fusion whose computation contains one, and its metadata op_name (the JA
 model it belongs to. Time is attributed to wall time: ops that run concurrently (XLA:CPU runs independent thunks side
 by side, e.g. the LM head's dh and dW dots each on one core) share the interval they overlap, so summing the table
 gives the wall time spent inside ops, and the rest of the step is control flow (while/cond) and gaps between ops.
+Plain dots run asynchronously on XLA:CPU, so the idle time after a dot's event is counted as that dot's
+(`wall_attributed`).
 Needs `--xla_cpu_enable_xprof_traceme=true` in XLA_FLAGS on a CPU (tools/bench.py --sections=profile sets it).
 """
 
@@ -63,23 +65,32 @@ def hlo_ops(hlo_text: str) -> dict[str, OpInfo]:
 
 
 def wall_attributed(events: list[dict], ops: dict[str, OpInfo]) -> collections.Counter:
-  """(matmul|other, part) -> microseconds of wall time, concurrent ops sharing what they overlap."""
+  """(matmul|other, part) -> microseconds of wall time, concurrent ops sharing what they overlap.
+
+  XLA:CPU runs a plain `dot` (an Eigen contraction, not a YNNPACK fusion) asynchronously on its thread pool: the
+  trace event ends when the dot is launched and the next op starts when its result is ready. So a gap that follows
+  a dot's event with nothing else running is that dot's time and goes to its part; other gaps stay unattributed."""
   bounds = []
   for e in events:
     info = ops.get(e["name"])
     if info is None or info.opcode in _CONTROL:
       continue
     key = ("matmul" if info.matmul else "other", info.part)
-    bounds += [(e["ts"], 1, key), (e["ts"] + e["dur"], -1, key)]
+    bounds += [(e["ts"], 1, key, False), (e["ts"] + e["dur"], -1, key, info.opcode == "dot")]
   bounds.sort(key=lambda b: (b[0], b[1]))
-  active, wall, last = collections.Counter(), collections.Counter(), None
-  for ts, delta, key in bounds:
+  active, wall, last, ended_dot = collections.Counter(), collections.Counter(), None, None
+  for ts, delta, key, is_dot in bounds:
     running = sum(active.values())
-    if last is not None and ts > last and running:
-      for k, count in active.items():
-        if count:
-          wall[k] += (ts - last) * count / running
+    if last is not None and ts > last:
+      if running:
+        for k, count in active.items():
+          if count:
+            wall[k] += (ts - last) * count / running
+      elif ended_dot is not None:  # the async tail of the dot that ended last
+        wall[ended_dot] += ts - last
     active[key] += delta
+    if delta < 0 and not sum(active.values()):
+      ended_dot = key if is_dot else None
     last = ts
   return wall
 
