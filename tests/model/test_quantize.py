@@ -54,7 +54,6 @@ def test_int8_matmul_pads_rows_only_for_amx_and_padding_changes_no_row(isa, rows
   kx, kw = jax.random.split(jax.random.key(1))
   x, w = jax.random.normal(kx, (3, 32)), jax.random.normal(kw, (32, 40))
   q = quantize.quantize_kernel(w, num_contracted=1, rank=2)
-  monkeypatch.delenv("TWEETJAX_CPU_KIND", raising=False)  # the kind from `isa`, not an override
   monkeypatch.setattr(quantize.cpu, "cpu_info", lambda: quantize.cpu.CpuInfo("test", 2, isa))
   assert quantize.int8_min_rows() == rows
   got = quantize.int8_matmul(x, q.q, q.scale, jnp.float32)
