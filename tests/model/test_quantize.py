@@ -48,21 +48,6 @@ def test_int8_matmul_and_contract_match_the_float_product():
   np.testing.assert_allclose(stacked.scale[1], 2 * q.scale, rtol=1e-6)
 
 
-@pytest.mark.parametrize("isa,rows", [(("amx_bf16", "amx_int8", "amx_tile", "avx512f"), 16),
-                                      (("avx512_bf16", "avx512_vnni", "avx512f"), 1)])
-def test_int8_matmul_pads_rows_only_for_amx_and_padding_changes_no_row(isa, rows, monkeypatch):
-  kx, kw = jax.random.split(jax.random.key(1))
-  x, w = jax.random.normal(kx, (3, 32)), jax.random.normal(kw, (32, 40))
-  q = quantize.quantize_kernel(w, num_contracted=1, rank=2)
-  monkeypatch.setattr(quantize.cpu, "cpu_info", lambda: quantize.cpu.CpuInfo("test", 2, isa))
-  assert quantize.int8_min_rows() == rows
-  got = quantize.int8_matmul(x, q.q, q.scale, jnp.float32)
-  # The same product by hand, unpadded: int32 sums are exact, so padding may not change a bit of the real rows.
-  xq, x_scale = quantize.symmetric_int8(x, (1,))
-  acc = jnp.dot(xq, q.q, preferred_element_type=jnp.int32)
-  np.testing.assert_array_equal(got, acc.astype(jnp.float32) * x_scale * q.scale[None, :])
-
-
 @pytest.fixture(scope="module")
 def tiny():
   config = load_config("tiny")

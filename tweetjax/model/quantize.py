@@ -30,8 +30,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tweetjax.perf import cpu
-
 WEIGHT_FORMATS = ("model", "bfloat16", "int8")
 
 # param path suffix -> (leading contracted axes, rank of one layer's kernel); more axes = a leading "layers" axis
@@ -113,23 +111,16 @@ def quantize_table(table_VxD: jax.Array) -> Int8Table:
   return Int8Table(q_VxD=q, q_DxV=q.T, scale_V=scale_Vx1[:, 0])
 
 
-# AMX tiles hold 16 rows: on an `amx` CPU, XLA:CPU runs an int8 dot of fewer rows on a far slower kernel (small's
-# batch-1 decode matmuls: ~3x the time of the same dot with 16 rows), so fewer rows are zero-padded up to 16. On
-# AVX512-VNNI without AMX (AMD Zen 4) the padded dot is the slower one: int8 batch-1 decoding 84.7 padded against
-# 104.1 tokens/s unpadded (benchmarks/RESULTS.md).
-AMX_INT8_MIN_ROWS = 16
-
-
-def int8_min_rows() -> int:
-  """Rows an int8 dot is padded up to on this backend and CPU (1: no padding)."""
-  return AMX_INT8_MIN_ROWS if jax.default_backend() == "cpu" and cpu.cpu_info().kind == "amx" else 1
+# Fewer rows than this are zero-padded up to it: XLA:CPU runs an int8 dot of fewer than 16 rows on a far slower
+# kernel (small's batch-1 decode matmuls: ~3x the time of the same dot with 16 rows).
+INT8_MIN_ROWS = 16
 
 
 def int8_matmul(x_NxK: jax.Array, q_KxM: jax.Array, scale_M: jax.Array, dtype) -> jax.Array:
   """x @ (q * scale) with x quantised per row to int8: an int8 x int8 -> int32 dot, rescaled in fp32."""
-  N, min_rows = x_NxK.shape[0], int8_min_rows()
-  if N < min_rows:
-    padded = jnp.pad(x_NxK, ((0, min_rows - N), (0, 0)))
+  N = x_NxK.shape[0]
+  if N < INT8_MIN_ROWS and jax.default_backend() == "cpu":
+    padded = jnp.pad(x_NxK, ((0, INT8_MIN_ROWS - N), (0, 0)))
     return int8_matmul(padded, q_KxM, scale_M, dtype)[:N]
   xq_NxK, x_scale_Nx1 = symmetric_int8(x_NxK, (1,))
   acc_NxM = jnp.dot(xq_NxK, q_KxM, preferred_element_type=jnp.int32)
