@@ -89,7 +89,7 @@ def wall_attributed(events: list[dict], ops: dict[str, OpInfo]) -> collections.C
       elif ended_dot is not None:  # the async tail of the dot that ended last
         wall[ended_dot] += ts - last
     active[key] += delta
-    if delta < 0 and not sum(active.values()):
+    if delta < 0 and running + delta == 0:
       ended_dot = key if is_dot else None
     last = ts
   return wall
