@@ -5,6 +5,8 @@ compile time vs depth. Prints tables; asserts nothing.
   python tools/bench.py --sections=peak,step --peer=torch --dtypes=float32,bfloat16 --json_out=/tmp/bench.json
   python tools/bench.py --sections=step --shapes=small --devices=1 --override=data.global_batch_size=4
   python tools/bench.py --sections=profile --shapes=small --dtypes=float32   # wall time per model part, one step
+  python tools/bench.py --sections=compare --shapes=small --variant=base: \
+      --variant="thp:GLIBC_TUNABLES=glibc.malloc.hugetlb=1"   # paired A/B: XLA flags, overrides, env variables
   python tools/bench.py --gpu                        # GPU: experiments/llama_1b.py, bf16 + cuDNN attention, MFU vs
                                                      # the device's dense bf16 peak (H100: 989 TFLOP/s)
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -122,7 +126,13 @@ def run_worker(spec: dict) -> dict:
           flush=True)
     for line in sys.stdin:
       if line.strip() == "step":
-        print(_RESULT + json.dumps({"seconds": runner.step(), "loss": float(runner.metrics["loss"])}), flush=True)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        seconds = runner.step()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        # page faults and kernel time: a step that maps fresh pages for its temporaries pays for them every time
+        print(_RESULT + json.dumps({"seconds": seconds, "loss": float(runner.metrics["loss"]),
+                                    "minor_faults": after.ru_minflt - before.ru_minflt,
+                                    "system_s": after.ru_stime - before.ru_stime}), flush=True)
       elif line.strip() == "probe":
         probes = {f"{d}{'->f32' if acc else ''}": bench.matmul_peak(d, n=1024, accumulate_f32=acc)["best_flops"]
                   for d, acc in (("float32", False), ("bfloat16", False), ("bfloat16", True))}
@@ -291,28 +301,33 @@ def bench_profile(results: dict) -> None:
         print(f"    {row['kind']:<7} {row['part']:<32} {row['seconds']:8.3f} s {share:5.1f}%")
 
 
-def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
-  """'NAME:--xla_flag=v model.key=v ...' -> (name, XLA flags, config overrides)."""
+def parse_variant(text: str) -> tuple[str, list[str], dict[str, str], dict[str, str]]:
+  """'NAME:--xla_flag=v model.key=v ENV_VAR=v ...' -> (name, XLA flags, config overrides, environment variables).
+
+  An upper-case KEY=VALUE (e.g. GLIBC_TUNABLES=glibc.malloc.hugetlb=1) is set in the variant's process environment,
+  for what is fixed when a process starts; a lower-case dotted key is a config override."""
   name, sep, settings = text.partition(":")
   if not sep or not name.strip():
     raise app.UsageError(f"--variant={text!r}: expected NAME:SETTINGS (e.g. 'fast_math:--xla_cpu_enable_fast_math=true')")
-  xla_flags, overrides = [], {}
+  xla_flags, overrides, environ = [], {}, {}
   for token in settings.split():
+    key, eq, value = token.partition("=")
     if token.startswith("--"):
       xla_flags.append(token)
-    elif "=" in token:
-      key, _, value = token.partition("=")
+    elif eq and re.fullmatch(r"[A-Z_][A-Z0-9_]*", key):
+      environ[key] = value
+    elif eq:
       overrides[key] = value
     else:
       raise app.UsageError(f"--variant={text!r}: {token!r} is neither an XLA flag (--xla_...) nor key=value")
-  return name.strip(), xla_flags, overrides
+  return name.strip(), xla_flags, overrides, environ
 
 
 class _StepServer:
   """A worker process holding one variant's compiled train step; `step()` asks it to time one more."""
 
-  def __init__(self, name: str, spec: dict):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  def __init__(self, name: str, spec: dict, environ: dict[str, str] | None = None):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | (environ or {})
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
     self.name = name
@@ -353,17 +368,22 @@ def bench_compare(results: dict) -> None:
         f"[{_context()}]", flush=True)
   servers = []
   try:
-    for name, xla_flags, overrides in variants:
+    for name, xla_flags, overrides, environ in variants:
       spec = {"kind": "serve_steps", "config": path, "overrides": _overrides({**extra, **overrides, "mesh.data": -1}),
               "xla_flags": xla_flags, "fake_devices": 1}
-      servers.append(_StepServer(name, spec))
+      servers.append(_StepServer(name, spec, environ))
     for server in servers:
       server.ask("step")  # a second warm-up step
     probes = {s.name: s.ask("probe") for s in servers}
     seconds: dict[str, list[float]] = {s.name: [] for s in servers}
+    faults: dict[str, list[int]] = {s.name: [] for s in servers}
+    system: dict[str, list[float]] = {s.name: [] for s in servers}
     for _ in range(_ROUNDS.value):
       for server in servers:
-        seconds[server.name].append(server.ask("step")["seconds"])
+        r = server.ask("step")
+        seconds[server.name].append(r["seconds"])
+        faults[server.name].append(r["minor_faults"])
+        system[server.name].append(r["system_s"])
     for server in servers:
       after = server.ask("probe")
       probes[server.name] = {k: max(v, after[k]) for k, v in probes[server.name].items()}
@@ -373,21 +393,24 @@ def bench_compare(results: dict) -> None:
   base = servers[0].name
   summary = {}
   print(f"  {'variant':<26} {'step s best/median':>20} {'tokens/s':>9} {'vs ' + base:>16}  "
-        f"{'per-round ratios':<30} dot GFLOP/s f32 / bf16 / bf16->f32 (best)")
+        f"{'per-round ratios':<30} {'faults/step':>11} {'sys s/step':>10}  dot GFLOP/s f32 / bf16 / bf16->f32 (best)")
   for server in servers:
     ts = seconds[server.name]
     ratios = [b / t for b, t in zip(seconds[base], ts)]
     p = probes[server.name]
     summary[server.name] = {**server.info, "seconds": ts, "speed_vs_baseline": statistics.median(ratios),
                             "speed_vs_baseline_per_round": ratios, "probes": p,
+                            "minor_faults_per_step": statistics.median(faults[server.name]),
+                            "system_s_per_step": statistics.median(system[server.name]),
                             "best_tokens_per_s": server.info["tokens_per_step"] / min(ts)}
     print(f"  {server.name:<26} {min(ts):9.3f} / {statistics.median(ts):<8.3f} "
           f"{summary[server.name]['best_tokens_per_s']:9.0f} {statistics.median(ratios):15.2f}x  "
-          f"{' '.join(f'{r:.2f}' for r in ratios):<30} {p['float32'] / 1e9:.0f} / {p['bfloat16'] / 1e9:.0f} / "
+          f"{' '.join(f'{r:.2f}' for r in ratios):<30} {statistics.median(faults[server.name]):11,.0f} "
+          f"{statistics.median(system[server.name]):10.2f}  {p['float32'] / 1e9:.0f} / {p['bfloat16'] / 1e9:.0f} / "
           f"{p['bfloat16->f32'] / 1e9:.0f}", flush=True)
   print(f"  [{_load()}]")
   results["compare"] = {"baseline": base, "variants": summary,
-                        "settings": {name: {"xla_flags": f, "overrides": o} for name, f, o in variants}}
+                        "settings": {name: {"xla_flags": f, "overrides": o, "environment": e} for name, f, o, e in variants}}
 
 
 def bench_decode(results: dict) -> None:
