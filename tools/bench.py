@@ -375,15 +375,10 @@ def bench_compare(results: dict) -> None:
     for server in servers:
       server.ask("step")  # a second warm-up step
     probes = {s.name: s.ask("probe") for s in servers}
-    seconds: dict[str, list[float]] = {s.name: [] for s in servers}
-    faults: dict[str, list[int]] = {s.name: [] for s in servers}
-    system: dict[str, list[float]] = {s.name: [] for s in servers}
+    steps: dict[str, list[dict]] = {s.name: [] for s in servers}  # the worker's reply to every timed step
     for _ in range(_ROUNDS.value):
       for server in servers:
-        r = server.ask("step")
-        seconds[server.name].append(r["seconds"])
-        faults[server.name].append(r["minor_faults"])
-        system[server.name].append(r["system_s"])
+        steps[server.name].append(server.ask("step"))
     for server in servers:
       after = server.ask("probe")
       probes[server.name] = {k: max(v, after[k]) for k, v in probes[server.name].items()}
@@ -394,23 +389,26 @@ def bench_compare(results: dict) -> None:
   summary = {}
   print(f"  {'variant':<26} {'step s best/median':>20} {'tokens/s':>9} {'vs ' + base:>16}  "
         f"{'per-round ratios':<30} {'faults/step':>11} {'sys s/step':>10}  dot GFLOP/s f32 / bf16 / bf16->f32 (best)")
+  per_step = lambda name, key: [r[key] for r in steps[name]]
   for server in servers:
-    ts = seconds[server.name]
-    ratios = [b / t for b, t in zip(seconds[base], ts)]
+    ts = per_step(server.name, "seconds")
+    ratios = [b / t for b, t in zip(per_step(base, "seconds"), ts)]
     p = probes[server.name]
-    summary[server.name] = {**server.info, "seconds": ts, "speed_vs_baseline": statistics.median(ratios),
-                            "speed_vs_baseline_per_round": ratios, "probes": p,
-                            "minor_faults_per_step": statistics.median(faults[server.name]),
-                            "system_s_per_step": statistics.median(system[server.name]),
-                            "best_tokens_per_s": server.info["tokens_per_step"] / min(ts)}
+    row = summary[server.name] = {
+        **server.info, "seconds": ts, "speed_vs_baseline": statistics.median(ratios),
+        "speed_vs_baseline_per_round": ratios, "probes": p,
+        "minor_faults_per_step": statistics.median(per_step(server.name, "minor_faults")),
+        "system_s_per_step": statistics.median(per_step(server.name, "system_s")),
+        "best_tokens_per_s": server.info["tokens_per_step"] / min(ts)}
     print(f"  {server.name:<26} {min(ts):9.3f} / {statistics.median(ts):<8.3f} "
-          f"{summary[server.name]['best_tokens_per_s']:9.0f} {statistics.median(ratios):15.2f}x  "
-          f"{' '.join(f'{r:.2f}' for r in ratios):<30} {statistics.median(faults[server.name]):11,.0f} "
-          f"{statistics.median(system[server.name]):10.2f}  {p['float32'] / 1e9:.0f} / {p['bfloat16'] / 1e9:.0f} / "
+          f"{row['best_tokens_per_s']:9.0f} {row['speed_vs_baseline']:15.2f}x  "
+          f"{' '.join(f'{r:.2f}' for r in ratios):<30} {row['minor_faults_per_step']:11,.0f} "
+          f"{row['system_s_per_step']:10.2f}  {p['float32'] / 1e9:.0f} / {p['bfloat16'] / 1e9:.0f} / "
           f"{p['bfloat16->f32'] / 1e9:.0f}", flush=True)
   print(f"  [{_load()}]")
   results["compare"] = {"baseline": base, "variants": summary,
-                        "settings": {name: {"xla_flags": f, "overrides": o, "environment": e} for name, f, o, e in variants}}
+                        "settings": {name: {"xla_flags": f, "overrides": o, "environment": e}
+                                     for name, f, o, e in variants}}
 
 
 def bench_decode(results: dict) -> None:
